@@ -1,0 +1,1 @@
+"""normlab.analysis (filled in by its issue)."""

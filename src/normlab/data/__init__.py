@@ -1,0 +1,1 @@
+"""normlab.data (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""normlab.models (filled in by its issue)."""

@@ -1,0 +1,31 @@
+"""normlab's layers, one file per method family. Importing this package registers every layer."""
+
+from normlab.nn import (
+    batch_channel,
+    mixture,
+    mode,
+    simple,
+    standard,
+    std_loss,
+    weight_std,
+    whitening,
+)
+from normlab.nn.batch_channel import *  # noqa: F403
+from normlab.nn.mixture import *  # noqa: F403
+from normlab.nn.mode import *  # noqa: F403
+from normlab.nn.simple import *  # noqa: F403
+from normlab.nn.standard import *  # noqa: F403
+from normlab.nn.std_loss import *  # noqa: F403
+from normlab.nn.weight_std import *  # noqa: F403
+from normlab.nn.whitening import *  # noqa: F403
+
+__all__ = [
+    *simple.__all__,
+    *standard.__all__,
+    *weight_std.__all__,
+    *batch_channel.__all__,
+    *std_loss.__all__,
+    *mixture.__all__,
+    *mode.__all__,
+    *whitening.__all__,
+]

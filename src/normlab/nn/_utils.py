@@ -1,0 +1,88 @@
+"""Small shared helpers for normlab's layers: input checks and layout changes.
+
+All layers take channel-first input ``(N, C)`` or ``(N, C, *)`` (a fully-connected layer is
+treated as H = W = 1, as in the papers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "channel_view",
+    "check_eps",
+    "check_input",
+    "check_momentum",
+    "check_positive_int",
+    "from_points",
+    "stat_dtype",
+    "to_points",
+]
+
+
+def check_input(x: Tensor, num_features: int, layer: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``(N, C)`` or ``(N, C, *)`` with ``C == num_features``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected input of shape (N, C) or (N, C, *), got a {x.dim()}-D tensor "
+            f"of shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}: expected {num_features} channels (dim 1), got input of shape "
+            f"{tuple(x.shape)}"
+        )
+    if not (x.is_floating_point()):
+        raise TypeError(f"{layer}: expected a floating-point input, got dtype {x.dtype}")
+
+
+def check_positive_int(value: object, name: str, layer: str, minimum: int = 1) -> int:
+    """Validate an integer argument ``>= minimum`` and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{layer}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_eps(eps: object, layer: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise ValueError(f"{layer}: eps must be a positive number, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum: object, layer: str) -> float:
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, int | float)
+        or not 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"{layer}: momentum must be a number in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def channel_view(v: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-channel vector ``(C,)`` to broadcast against a ``ndim``-D channel-first tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are accumulated in float32 for half/bfloat16 input, else in the input dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def to_points(x: Tensor) -> Tensor:
+    """``(N, C, *)`` -> ``(m, C)`` with ``m = N * prod(*)``: one C-dimensional point per position."""
+    if x.dim() == 2:
+        return x
+    c = x.shape[1]
+    return x.movedim(1, -1).reshape(-1, c)
+
+
+def from_points(p: Tensor, like_shape: torch.Size) -> Tensor:
+    """Inverse of :func:`to_points` for an input of shape ``like_shape``."""
+    if len(like_shape) == 2:
+        return p
+    n, c, *rest = like_shape
+    return p.reshape(n, *rest, c).movedim(-1, 1)

@@ -1,0 +1,1 @@
+"""normlab.report (filled in by its issue)."""

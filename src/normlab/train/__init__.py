@@ -1,0 +1,1 @@
+"""normlab.train (filled in by its issue)."""
