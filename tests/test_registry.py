@@ -1,0 +1,143 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab
+from normlab.registry import parse_spec
+
+# Specs that must build for every registered name (with default kwargs), on both input ranks.
+SHAPES = [(6, 16), (6, 16, 5, 4)]
+
+
+@pytest.mark.parametrize("name", list(normlab.available_norms()))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_registered_name_builds_and_runs_forward_backward(name, shape):
+    layer = normlab.make_norm(name, 16)
+    # layers whose training step needs a rate (micro-batch BCN) get one from their own API
+    if hasattr(layer, "set_rate"):
+        layer.set_rate(0.1)
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    layer.eval()
+    with torch.no_grad():
+        assert torch.isfinite(layer(x)).all()
+
+
+def test_available_norms_has_descriptions_and_the_foundation_names():
+    names = normlab.available_norms()
+    for n in ["none", "affine", "bn", "gn", "ln", "in", "bcn"]:
+        assert n in names
+        assert isinstance(names[n], str) and len(names[n]) > 5
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("bn", ("bn", {})),
+        ("  GN(num_groups=16) ", ("gn", {"num_groups": 16})),
+        ("bcn(micro_batch=true)", ("bcn", {"micro_batch": True})),
+        ("bcn(micro_batch=False, rate=None)", ("bcn", {"micro_batch": False, "rate": None})),
+        (
+            "mixture(k=5, em_iters=2, activation=relu)",
+            ("mixture", {"k": 5, "em_iters": 2, "activation": "relu"}),
+        ),
+        ("x(eps=-1e-3, s='a b', t=(1, 2))", ("x", {"eps": -1e-3, "s": "a b", "t": (1, 2)})),
+        ({"name": "gn", "num_groups": 4}, ("gn", {"num_groups": 4})),
+        ("in", ("in", {})),  # a Python keyword is still a valid name
+    ],
+)
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nosuchnorm", "valid names: .*bn"),
+        ("gn(groups=4)", r"unknown argument.*'groups'.*valid arguments: num_groups"),
+        ("gn(4)", "by keyword"),
+        ("gn(num_groups=", "cannot parse"),
+        ("gn(num_groups=3)", "num_groups=3 must divide num_features=16"),
+        ("gn(num_groups=0)", "num_groups must be an integer >= 1"),
+        ("bn(eps=f(1))", "cannot parse the value"),
+        ({"num_groups": 2}, "needs a 'name' key"),
+        ("", "empty norm spec"),
+    ],
+)
+def test_bad_specs_raise_value_error_naming_the_problem(spec, match):
+    with pytest.raises(ValueError, match=match):
+        normlab.make_norm(spec, 16)
+
+
+def test_bad_spec_type_and_num_features():
+    with pytest.raises(TypeError):
+        normlab.make_norm(3, 16)
+    with pytest.raises(ValueError, match="num_features"):
+        normlab.make_norm("bn", 0)
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "ln", "in", "affine", "bcn"])
+def test_wrong_channel_count_and_rank_raise(name):
+    layer = normlab.make_norm(name, 8)
+    with pytest.raises(ValueError, match="channels"):
+        layer(torch.randn(4, 7, 3, 3))
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(8))
+
+
+def test_standard_layers_match_torch_functional():
+    x = torch.randn(8, 12, 5, 5)
+    bn = normlab.make_norm("bn", 12)
+    torch.testing.assert_close(bn(x), F.batch_norm(x, None, None, training=True))
+    x2 = torch.randn(8, 12)
+    torch.testing.assert_close(bn(x2), F.batch_norm(x2, None, None, training=True))
+    gn = normlab.make_norm("gn(num_groups=3)", 12)
+    torch.testing.assert_close(gn(x), F.group_norm(x, 3))
+    ln = normlab.make_norm("ln", 12)
+    torch.testing.assert_close(ln(x), F.layer_norm(x, x.shape[1:]))
+    inorm = normlab.make_norm("in", 12)
+    torch.testing.assert_close(inorm(x), F.instance_norm(x))
+    aff = normlab.make_norm("affine", 12)
+    with torch.no_grad():
+        aff.weight.uniform_()
+        aff.bias.uniform_()
+    torch.testing.assert_close(
+        aff(x), x * aff.weight.view(1, -1, 1, 1) + aff.bias.view(1, -1, 1, 1)
+    )
+    torch.testing.assert_close(normlab.make_norm("none", 12)(x), x)
+
+
+def test_bn_running_stats_and_state_dict_keys_match_torch():
+    ours = normlab.make_norm("bn(momentum=0.2)", 6)
+    ref = torch.nn.BatchNorm2d(6, momentum=0.2)
+    for _ in range(2):
+        x = torch.randn(5, 6, 3, 3)
+        ours(x)
+        ref(x)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval()
+    ref.eval()
+    x = torch.randn(5, 6, 3, 3)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_default_num_groups():
+    from normlab.nn import default_num_groups
+
+    assert default_num_groups(256) == 32
+    assert default_num_groups(64) == 16
+    assert default_num_groups(36) == 9
+    assert default_num_groups(3) == 1
+    for c in range(1, 300):
+        g = default_num_groups(c)
+        assert c % g == 0 and 1 <= g <= 32
+
+
+def test_register_norm_rejects_duplicate_names():
+    with pytest.raises(ValueError, match="already registered"):
+        normlab.register_norm("bn", "dup")(type("Other", (torch.nn.Module,), {}))
