@@ -1,3 +1,293 @@
-"""Placeholder: filled in by its issue."""
+r"""Batch-Channel Normalization (004 Sec. 7, Eq. 40–43, Algorithm 1).
 
-__all__: list[str] = []
+BCN first normalizes every channel with batch information and a per-channel affine
+(γ^b_c, β^b_c) (004 Eq. 40–41)
+
+.. math::  \dot X_{\cdot c\cdot\cdot} = \gamma^b_c\,\frac{X_{\cdot c\cdot\cdot}-\hat\mu_c}{\hat\sigma_c}
+           + \beta^b_c ,
+
+then splits each sample's channels into G groups and normalizes each group over its channels and
+positions, with a per-*group* affine (γ^c_g, β^c_g) (004 Eq. 42)
+
+.. math::  \dot Y_{bg\cdots} = \gamma^c_g\,\frac{\dot X_{bg\cdots}-\mu_{bg}}{\sigma_{bg}} + \beta^c_g .
+
+How μ̂_c, σ̂_c are obtained gives the two modes (004 Sec. 7.2):
+
+* **large batch** (Sec. 7.2.1, Eq. 43 ``BCN(X) = CN(BN(X))``): μ̂, σ̂² are the batch statistics,
+  exactly batch normalization — running statistics with PyTorch's momentum convention, eval uses
+  them;
+* **micro batch** (Sec. 7.2.2, Algorithm 1): μ̂, σ̂² are *estimates*, initialised to 0 and 1 and
+  moved towards the batch's statistics at rate r (the optimizer's current learning rate) at every
+  training step; the layer normalizes with the updated estimates, which carry no gradient.
+
+Reading of Algorithm 1 (the text file drops the minus signs; these are the only sensible ones):
+
+1. μ̇_c = (1/BHW) Σ X_{b,c,h,w};
+2. σ̇²_c = (1/BHW) Σ (X_{b,c,h,w} − μ̂_c)² with the estimate μ̂_c *before* step 3 — a second moment
+   around the old estimate, not the batch variance (it equals Var_batch + (μ̇_c − μ̂_c)²);
+3. μ̂_c ← μ̂_c + r (μ̇_c − μ̂_c);
+4. σ̂²_c ← σ̂²_c + r (σ̇²_c − σ̂²_c)  (the algorithm tracks the *variance*; σ̂_c = √σ̂²_c);
+5. normalize with the updated μ̂_c and σ̂_c = √(σ̂²_c + ε).
+
+The paper writes no ε; we put it inside the square root as BN and GN do (Eq. 42's σ_bg also gets
+√(var + ε)), so a zero variance estimate cannot divide by zero. r must lie in [0, 1] — outside that
+range step 4 can make σ̂² negative. Both modes keep the estimates in the buffers ``running_mean`` /
+``running_var`` (so ``state_dict`` keys are BatchNorm's and the eval path is shared); ``momentum``
+is used only in large-batch mode and ``rate`` only in micro-batch mode.
+
+If ``micro_batch=True`` and no rate has been set when a training forward runs, the layer raises
+``RuntimeError`` rather than guessing a default: the paper ties r to the learning rate, so call
+:func:`set_bcn_rate` with the optimizer before each step (or pass ``rate=`` for a fixed rate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab.nn._utils import check_eps, check_input, check_momentum, check_positive_int
+from normlab.nn.standard import default_num_groups
+from normlab.nn.stats import channel_sums
+from normlab.registry import register_norm
+
+__all__ = [
+    "BCNorm",
+    "batch_channel_norm",
+    "channel_group_norm",
+    "micro_batch_estimates",
+    "set_bcn_rate",
+]
+
+_LAYER = "BCNorm"
+
+
+def _check_rate(rate: object, where: str) -> float:
+    if isinstance(rate, Tensor) and rate.numel() == 1:
+        rate = float(rate)  # once per step, outside the forward pass
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not math.isfinite(rate)
+        or not 0.0 <= rate <= 1.0
+    ):
+        raise ValueError(
+            f"{where}: the update rate r must be a number in [0, 1] (004 Algorithm 1 uses the "
+            f"learning rate), got {rate!r}"
+        )
+    return float(rate)
+
+
+def channel_group_norm(
+    x: Tensor,
+    num_groups: int,
+    group_weight: Tensor | None = None,
+    group_bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Channel part of BCN (004 Eq. 42): group normalization of each sample with a per-GROUP
+    affine ``group_weight``/``group_bias`` of shape (G,).
+
+    Implemented as ``F.group_norm`` with the per-group parameters repeated to per-channel ones
+    (gradients flow back to the (G,) parameters).
+
+    Shape: ``(N, C)`` or ``(N, C, *)`` -> same; C must be a multiple of ``num_groups``.
+    """
+    c = x.shape[1]
+    per = c // num_groups
+    w = None if group_weight is None else group_weight.repeat_interleave(per)
+    b = None if group_bias is None else group_bias.repeat_interleave(per)
+    return F.group_norm(x, num_groups, w, b, eps)
+
+
+def micro_batch_estimates(
+    x: Tensor, mean: Tensor, var: Tensor, rate: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Steps 1–4 of 004 Algorithm 1: the updated estimates (μ̂, σ̂²) after seeing batch ``x``.
+
+    ``σ̇²`` is the second moment of ``x`` around the PRE-update estimate ``mean``, computed from
+    :func:`normlab.nn.stats.channel_sums` as ``Var_batch + (μ̇ − μ̂)²`` (which equals
+    ``mean((X − μ̂)²)`` and avoids cancelling the large terms of the expanded square). Pure and
+    gradient-free: returns new tensors, ``x`` is detached.
+
+    Shape: ``x`` is ``(N, C)`` or ``(N, C, *)``; ``mean``, ``var`` are ``(C,)``; returns two ``(C,)``.
+    """
+    sums = channel_sums(x.detach())
+    mu_dot, batch_var = sums.mean_var()
+    m = mean.to(mu_dot.dtype)
+    v = var.to(mu_dot.dtype)
+    diff = mu_dot - m
+    sigma_dot2 = batch_var + diff * diff
+    new_mean = m + rate * diff
+    new_var = v + rate * (sigma_dot2 - v)
+    return new_mean.to(mean.dtype), new_var.to(var.dtype)
+
+
+def batch_channel_norm(
+    x: Tensor,
+    mean: Tensor | None,
+    var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    group_weight: Tensor | None,
+    group_bias: Tensor | None,
+    num_groups: int,
+    use_batch_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch-Channel Normalization, 004 Eq. 40 then Eq. 42.
+
+    With ``use_batch_stats=True`` the batch part is batch normalization with the batch's
+    statistics (large-batch BCN, Eq. 43); ``mean``/``var`` (if given) are running statistics that
+    are updated in place exactly as ``F.batch_norm`` does. With ``use_batch_stats=False`` the batch
+    part normalizes with the given ``mean``/``var`` as constants (eval, or micro-batch BCN with the
+    estimates of :func:`micro_batch_estimates`). ``weight``/``bias`` are the per-channel (γ^b, β^b),
+    ``group_weight``/``group_bias`` the per-group (γ^c, β^c).
+
+    Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
+    """
+    xb = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, momentum, eps)
+    return channel_group_norm(xb, num_groups, group_weight, group_bias, eps)
+
+
+@register_norm(
+    "bcn",
+    "batch-channel normalization (004 Sec. 7): batch norm per channel, then group norm per sample "
+    "with a per-group affine; micro_batch=true uses estimates updated at the learning rate",
+)
+class BCNorm(nn.Module):
+    r"""Batch-Channel Normalization (004 Sec. 7): BN (per-channel affine) then GN (per-group affine).
+
+    Args:
+        num_features: C, the number of channels.
+        num_groups: G for the channel part. ``None`` means ``min(32, C // 4)`` (004 Sec. 8.2); when
+            that does not divide C, the largest divisor of C below it
+            (:func:`normlab.nn.standard.default_num_groups`). An explicit value must divide C.
+        eps: added to the variances inside both square roots.
+        momentum: running-statistics momentum of the large-batch mode (PyTorch convention
+            ``running = (1 - momentum) * running + momentum * batch``); unused in micro-batch mode.
+        micro_batch: use Algorithm 1 (estimates updated at rate r) instead of batch statistics.
+        rate: the update rate r of micro-batch mode, normally set every step to the learning rate
+            with :func:`set_bcn_rate` (004 Sec. 7.2.2) or :meth:`set_rate`; must be in [0, 1].
+
+    Parameters: ``weight``, ``bias`` (C,) = γ^b, β^b; ``group_weight``, ``group_bias`` (G,) = γ^c,
+    β^c. Buffers: ``running_mean`` (μ̂, init 0), ``running_var`` (σ̂², init 1),
+    ``num_batches_tracked``.
+
+    Shape: ``(N, C)`` or ``(N, C, *)`` -> same. Micro-batch mode trains with N = 1; large-batch
+    training needs more than one value per channel, as BatchNorm does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        micro_batch: bool = False,
+        rate: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features", _LAYER)
+        if num_groups is None:
+            num_groups = default_num_groups(num_features)
+        check_positive_int(num_groups, "num_groups", _LAYER)
+        if num_features % num_groups:
+            raise ValueError(
+                f"{_LAYER}: num_groups={num_groups} must divide num_features={num_features}"
+            )
+        self.num_groups = num_groups
+        self.eps = check_eps(eps, _LAYER)
+        self.momentum = check_momentum(momentum, _LAYER)
+        if not isinstance(micro_batch, bool):
+            raise ValueError(f"{_LAYER}: micro_batch must be True or False, got {micro_batch!r}")
+        self.micro_batch = micro_batch
+        self.rate: float | None = None if rate is None else _check_rate(rate, _LAYER)
+
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features))
+        self.group_weight = nn.Parameter(torch.empty(num_groups))
+        self.group_bias = nn.Parameter(torch.empty(num_groups))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """μ̂ = 0, σ̂² = 1 (004 Sec. 7.2.2), counter 0."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.ones_(self.group_weight)
+        nn.init.zeros_(self.group_bias)
+
+    def set_rate(self, rate: float | Tensor) -> None:
+        """Set the micro-batch update rate r (004 Algorithm 1); r must be in [0, 1]."""
+        self.rate = _check_rate(rate, f"{_LAYER}.set_rate")
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.num_features, _LAYER)
+        args = (self.weight, self.bias, self.group_weight, self.group_bias, self.num_groups)
+        if not self.training:
+            return batch_channel_norm(
+                x, self.running_mean, self.running_var, *args, False, 0.0, self.eps
+            )
+        self.num_batches_tracked.add_(1)
+        if not self.micro_batch:
+            return batch_channel_norm(
+                x, self.running_mean, self.running_var, *args, True, self.momentum, self.eps
+            )
+        if self.rate is None:
+            raise RuntimeError(
+                f"{_LAYER}(micro_batch=True): no update rate r is set. 004 Sec. 7.2.2 uses the "
+                "learning rate: call normlab.set_bcn_rate(model, optimizer) before each training "
+                "step (or build the layer with rate=...)."
+            )
+        with torch.no_grad():
+            mean, var = micro_batch_estimates(x, self.running_mean, self.running_var, self.rate)
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+        # Normalize with the fresh tensors, not the buffers: autograd saves them, and the next
+        # training forward updates the buffers in place (shared layers, gradient accumulation).
+        return batch_channel_norm(x, mean, var, *args, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+            f"momentum={self.momentum}, micro_batch={self.micro_batch}"
+        )
+        if self.micro_batch:
+            s += f", rate={self.rate}"
+        return s
+
+
+def set_bcn_rate(model: nn.Module, optimizer_or_rate: torch.optim.Optimizer | float) -> int:
+    """Set the micro-batch update rate r of every :class:`BCNorm` in ``model`` (004 Sec. 7.2.2:
+    r is the learning rate of the trainable parameters).
+
+    ``optimizer_or_rate`` is an optimizer (its ``param_groups[0]["lr"]`` is used) or a number.
+    Call it before every training step so that r follows the learning-rate schedule. Returns the
+    number of BCN layers updated (layers in large-batch mode get the rate too; they ignore it).
+    """
+    if hasattr(optimizer_or_rate, "param_groups"):
+        groups = optimizer_or_rate.param_groups
+        if not groups or "lr" not in groups[0]:
+            raise ValueError("set_bcn_rate: the optimizer has no param_groups[0]['lr']")
+        rate = groups[0]["lr"]
+    else:
+        rate = optimizer_or_rate
+    r = _check_rate(rate, "set_bcn_rate")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BCNorm):
+            m.rate = r
+            n += 1
+    return n

@@ -1,3 +1,254 @@
-"""Placeholder: filled in by its issue."""
+r"""The standardization loss (003 Sec. 3, Eq. 2).
 
-__all__: list[str] = []
+For the pre-activation ``x`` of a layer, with per-channel mean μ_i and variance σ²_i taken over the
+batch (and spatial) dimensions — "the same way they are calculated in BN" (003 Sec. 3) — the loss is
+the KL divergence of the Gaussian fit to ``x`` from N(0, I) (003 Eq. 2):
+
+.. math::  L = \tfrac12 \sum_i \bigl(\mu_i^2 + \sigma_i^2 - \log \sigma_i^2 - 1\bigr),
+
+summed over hooked layers and multiplied by a weight, then added to the task loss in training.
+
+Choices:
+
+* σ²_i is the maximum-likelihood (population, ``1/n``) variance, as in BN.
+* ``log σ²`` is computed as ``log(σ² + eps)`` with ``eps = 1e-8`` by default, so a constant channel
+  (σ² = 0, e.g. batch size 1 at a Linear layer) gives a finite loss (≈ 9.2 per channel from the
+  log term) and a finite gradient, and the gradient keeps pushing a tiny variance up (a clamp would
+  zero it).
+* Statistics are computed in float32 (float64 input stays float64) with a two-pass
+  ``torch.var_mean``, accurate even when |μ| ≫ σ. They are per process — like 003 App. A.6, where
+  "statistical moments are calculated independently for each core" — so they do not go through
+  :func:`normlab.nn.stats.reduce_sums`.
+* The channel dimension is 1 for convolutions and any other module (channel-first ``(N, C, *)``),
+  and the last dimension for ``nn.Linear`` (whose output is ``(N, *, C)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["StandardizationLoss", "standardization_loss", "standardization_moments"]
+
+_PREACT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_GLOB_CHARS = set("*?[")
+
+
+def standardization_moments(x: Tensor, channel_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and population variance of ``x`` over every dimension except
+    ``channel_dim``, in float32 (float64 input: float64). Differentiable.
+
+    Shape: ``x`` is ``(N, C, *)`` (``channel_dim=1``) or ``(N, *, C)`` (``channel_dim=-1``);
+    returns two ``(C,)`` tensors.
+    """
+    if x.dim() < 2:
+        raise ValueError(
+            f"standardization_loss: expected a tensor with a batch and a channel dimension, got "
+            f"shape {tuple(x.shape)}"
+        )
+    cd = channel_dim % x.dim()
+    if cd == 0:
+        raise ValueError("standardization_loss: channel_dim cannot be the batch dimension 0")
+    xf = x if x.dtype == torch.float64 else x.float()
+    dims = [d for d in range(x.dim()) if d != cd]
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    return mean, var
+
+
+def standardization_loss(x: Tensor, channel_dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """003 Eq. 2 for one pre-activation tensor: ½ Σ_i (μ_i² + σ_i² − log(σ_i² + eps) − 1).
+
+    Statistics over all dimensions but ``channel_dim`` (batch and spatial). Returns a scalar
+    (float32, or float64 for float64 input) with gradient to ``x``.
+
+    Shape: ``(N, C, *)`` for ``channel_dim=1``; ``(N, *, C)`` for ``channel_dim=-1``.
+    """
+    mean, var = standardization_moments(x, channel_dim)
+    return _eq2(mean, var, eps)
+
+
+def _eq2(mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    return 0.5 * (mean * mean + var - torch.log(var + eps) - 1.0).sum()
+
+
+def _check_weight(weight: object) -> float:
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ValueError(
+            f"StandardizationLoss: weight must be a finite number >= 0, got {weight!r}"
+        )
+    return float(weight)
+
+
+ModuleSelection = str | nn.Module | Iterable[str | nn.Module] | None
+
+
+def _default_selection(model: nn.Module) -> list[str]:
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, _PREACT_TYPES)]
+    linear = [i for i, (_, m) in enumerate(named) if isinstance(m, nn.Linear)]
+    if linear:
+        del named[linear[-1]]
+    return [n for n, _ in named]
+
+
+def _explicit_selection(model: nn.Module, modules: ModuleSelection) -> list[str]:
+    items = [modules] if isinstance(modules, str | nn.Module) else list(modules)  # type: ignore[arg-type]
+    all_named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in reversed(list(all_named.items()))}
+    candidates = [n for n, m in all_named.items() if isinstance(m, _PREACT_TYPES)]
+    chosen: list[str] = []
+    for item in items:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"StandardizationLoss: module {type(item).__name__} is not a submodule of the "
+                    "model"
+                )
+            names = [by_id[id(item)]]
+        elif isinstance(item, str):
+            if _GLOB_CHARS & set(item):
+                names = [n for n in candidates if fnmatchcase(n, item)]
+                if not names:
+                    raise ValueError(
+                        f"StandardizationLoss: pattern {item!r} matches no Conv/Linear layer; the "
+                        f"model's Conv/Linear layers are: {candidates or '(none)'}"
+                    )
+            elif item in all_named:
+                names = [item]
+            else:
+                raise ValueError(
+                    f"StandardizationLoss: the model has no module named {item!r}; its Conv/Linear "
+                    f"layers are: {candidates or '(none)'}"
+                )
+        else:
+            raise TypeError(
+                "StandardizationLoss: modules must be modules, qualified names or glob patterns, "
+                f"got {type(item).__name__}"
+            )
+        chosen.extend(n for n in names if n not in chosen)
+    return chosen
+
+
+class StandardizationLoss:
+    """Accumulates the standardization loss (003 Eq. 2) of a model's pre-activations via hooks.
+
+    Args:
+        model: the network.
+        modules: which outputs to penalize. ``None`` (default): every ``nn.Conv1d/2d/3d`` and
+            ``nn.Linear`` (subclasses such as normlab's WS layers included) except the LAST
+            ``nn.Linear`` in module order (the classifier's logits are not a pre-activation).
+            Otherwise a module, a qualified name, a glob pattern (matched against the Conv/Linear
+            layers' qualified names, as in :func:`normlab.convert`), or a list of those.
+        weight: multiplies the total (003 uses 1.0 on MNIST down to 1e-6 on ResNet-50).
+        eps: ``log σ²`` is taken as ``log(σ² + eps)``.
+
+    Each forward of a hooked module *in training mode* adds its layer's Eq. 2 value to an
+    accumulator; :meth:`loss` returns ``weight ×`` the total and resets it. The hooks never modify
+    outputs. Use as ``loss = task_loss + std.loss()`` once per step (a forgotten ``loss()`` keeps
+    the graphs of earlier forwards alive). ``remove()`` detaches the hooks; the object is also a
+    context manager that removes them on exit.
+
+    Example::
+
+        std = normlab.StandardizationLoss(model, weight=1e-4)
+        out = model(x)
+        (F.cross_entropy(out, y) + std.loss()).backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSelection = None,
+        weight: float = 1.0,
+        eps: float = 1e-8,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"StandardizationLoss: model must be an nn.Module, got {model!r}")
+        self.weight = _check_weight(weight)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+            raise ValueError(f"StandardizationLoss: eps must be a positive number, got {eps!r}")
+        self.eps = float(eps)
+        names = (
+            _default_selection(model) if modules is None else _explicit_selection(model, modules)
+        )
+        if not names:
+            raise ValueError(
+                "StandardizationLoss: no layer to hook — the model has no Conv/Linear layer other "
+                "than its last Linear; pass modules=... explicitly"
+            )
+        self.names: list[str] = names
+        self._model = model
+        self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._total: Tensor | None = None
+        self._last: dict[str, Tensor] = {}
+        self._moments: dict[str, tuple[Tensor, Tensor]] = {}
+        self._handles = []
+        for n in names:
+            mod = model.get_submodule(n)
+            self._handles.append(mod.register_forward_hook(self._make_hook(n)))
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if not module.training:
+                return
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"StandardizationLoss: hooked module {name!r} returned "
+                    f"{type(output).__name__}, expected a tensor"
+                )
+            cd = -1 if isinstance(module, nn.Linear) else 1
+            mean, var = standardization_moments(output, cd)
+            value = _eq2(mean, var, self.eps)
+            self._total = value if self._total is None else self._total + value.to(self._total)
+            self._last[name] = value.detach()
+            self._moments[name] = (mean.detach(), var.detach())
+
+        return hook
+
+    def loss(self) -> Tensor:
+        """``weight × Σ_layers Eq. 2`` accumulated since the last call, then reset. A zero
+        scalar when nothing was accumulated (eval mode, or no forward yet)."""
+        total = self._total
+        self._total = None
+        if total is None:
+            return torch.zeros((), device=self._device)
+        return total * self.weight
+
+    def reset(self) -> None:
+        """Drop the accumulated loss without returning it."""
+        self._total = None
+
+    def per_layer(self) -> dict[str, Tensor]:
+        """Last unweighted Eq. 2 value of each hooked layer (detached scalars), by qualified name;
+        layers that have not run in training mode yet are absent."""
+        return dict(self._last)
+
+    def per_layer_moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Last per-channel (μ, σ²) of each hooked layer, detached, by qualified name."""
+        return dict(self._moments)
+
+    def remove(self) -> None:
+        """Detach every hook; later forwards accumulate nothing."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> StandardizationLoss:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"StandardizationLoss(weight={self.weight}, eps={self.eps}, "
+            f"layers={self.names}, active={bool(self._handles)})"
+        )
