@@ -1,1 +1,31 @@
-"""normlab.models (filled in by its issue)."""
+"""normlab.models: the papers' architectures, each built with a norm spec and a conv kind.
+
+::
+
+    from normlab.models import create
+    model = create("small_cnn", num_classes=10, in_channels=1, norm="bn")
+    model = create("resnet_cifar", 10, depth=20, norm="gn(num_groups=8)", conv="ws")
+    normlab.convert(model, "mode(k=2)", include="layer3.*")
+
+Every normalization slot is ``normlab.make_norm(norm, C)``; every convolution is ``nn.Conv2d`` or
+``normlab.WSConv2d`` (``conv="ws"``). See :func:`available_models` / :func:`model_descriptions`.
+"""
+
+from normlab.models import dcgan, densenet, inception, resnet, small, vgg  # noqa: F401  (registers the models)
+from normlab.models._blocks import ConvNormAct, LinearNormAct, NormActConv, make_conv
+from normlab.models.placements import PLACEMENTS, inception_branch_ends, placement
+from normlab.models.registry import available_models, create, model_descriptions, register_model
+
+__all__ = [
+    "PLACEMENTS",
+    "ConvNormAct",
+    "LinearNormAct",
+    "NormActConv",
+    "available_models",
+    "create",
+    "inception_branch_ends",
+    "make_conv",
+    "model_descriptions",
+    "placement",
+    "register_model",
+]

@@ -1,0 +1,75 @@
+"""Model registry: ``create(name, num_classes, in_channels, norm, conv, **kw)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from normlab.models._blocks import check_conv_kind
+from normlab.registry import NormSpec, parse_spec
+
+__all__ = ["available_models", "create", "model_descriptions", "register_model"]
+
+ModelFactory = Callable[..., nn.Module]
+_MODELS: dict[str, tuple[ModelFactory, str]] = {}
+
+
+def register_model(name: str, description: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator adding ``factory(num_classes, in_channels, norm, conv, **kw)`` under ``name``."""
+
+    def deco(fn: ModelFactory) -> ModelFactory:
+        if name in _MODELS and _MODELS[name][0] is not fn:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = (fn, description)
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    import normlab.models  # noqa: F401
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`create`, in registration order."""
+    _ensure_loaded()
+    return list(_MODELS)
+
+
+def model_descriptions() -> dict[str, str]:
+    _ensure_loaded()
+    return {k: d for k, (_, d) in _MODELS.items()}
+
+
+def create(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    norm: NormSpec = "bn",
+    conv: str = "plain",
+    **kw: object,
+) -> nn.Module:
+    """Build architecture ``name`` with every normalization slot ``make_norm(norm, C)`` and every
+    convolution plain or weight-standardized (``conv="ws"``). ``kw`` are the model's own knobs
+    (``width``, ``depth``, ``growth``, ...); unknown names raise ``ValueError`` listing the valid ones.
+    """
+    _ensure_loaded()
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_MODELS)}")
+    for nm, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: {nm} must be a positive integer, got {v!r}")
+    check_conv_kind(conv)
+    parse_spec(norm)  # fail early on a malformed spec
+    fn, _ = _MODELS[name]
+    params = inspect.signature(fn).parameters
+    valid = [p for p in params if p not in ("num_classes", "in_channels", "norm", "conv")]
+    unknown = sorted(set(kw) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown} for model {name!r}; valid arguments: "
+            f"{', '.join(valid) if valid else '(none)'}"
+        )
+    return fn(num_classes=num_classes, in_channels=in_channels, norm=norm, conv=conv, **kw)
