@@ -1,1 +1,33 @@
-"""normlab.analysis (filled in by its issue)."""
+"""Measuring *why* a normalization helps: the analysis metrics of the papers.
+
+* :mod:`~normlab.analysis.disturbance` — Stochastic Normalization Disturbance (002 Eq. 9–10) and the
+  condition number of the covariance of normalized outputs (002 Fig. 4), for any layer or spec.
+* :mod:`~normlab.analysis.statdiff` — StatDiff per channel group (004 Eq. 35) and a collector of
+  running per-channel statistics after convolutions during training (004 Fig. 6).
+* :mod:`~normlab.analysis.curves` — steps to a target accuracy, relative reduction and
+  speed-up, best accuracy after fractions of training (000 Tables 2–6, 003 Table 1, Fig. 5).
+* :mod:`~normlab.analysis.activations` — Gaussian-mixture fits of per-channel activations
+  (000 Fig. 1) and activation percentiles over training (003 Fig. 4).
+* :mod:`~normlab.analysis.components` — MixtureNorm component weights and effective number of
+  components (000 Fig. 8–9) and ModeNorm gate assignments (001 Fig. 3).
+
+The distance-to-singularity layer of 004 Eq. 33–34 is the registered norm ``fixedstats``
+(:class:`normlab.nn.fixedstats.FixedStatsNorm`). Metric functions are pure (tensors / arrays in,
+numbers / arrays out); each ``plot_*`` function writes a figure file (PNG by default) with
+matplotlib's Agg renderer and returns its path — none uses ``pyplot`` or shows a window.
+"""
+
+from normlab.analysis import activations, components, curves, disturbance, statdiff
+from normlab.analysis.activations import *  # noqa: F403
+from normlab.analysis.components import *  # noqa: F403
+from normlab.analysis.curves import *  # noqa: F403
+from normlab.analysis.disturbance import *  # noqa: F403
+from normlab.analysis.statdiff import *  # noqa: F403
+
+__all__ = [
+    *disturbance.__all__,
+    *statdiff.__all__,
+    *curves.__all__,
+    *activations.__all__,
+    *components.__all__,
+]

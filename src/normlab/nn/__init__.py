@@ -2,6 +2,7 @@
 
 from normlab.nn import (
     batch_channel,
+    fixedstats,
     mixture,
     mode,
     simple,
@@ -11,6 +12,7 @@ from normlab.nn import (
     whitening,
 )
 from normlab.nn.batch_channel import *  # noqa: F403
+from normlab.nn.fixedstats import *  # noqa: F403
 from normlab.nn.mixture import *  # noqa: F403
 from normlab.nn.mode import *  # noqa: F403
 from normlab.nn.simple import *  # noqa: F403
@@ -28,4 +30,5 @@ __all__ = [
     *mixture.__all__,
     *mode.__all__,
     *whitening.__all__,
+    *fixedstats.__all__,
 ]

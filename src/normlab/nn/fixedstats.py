@@ -1,0 +1,250 @@
+r"""Batch normalization to fixed random per-channel statistics: the "distance to elimination
+singularities" experiment of 004 Sec. 6.1.3 (Eq. 33–34, Fig. 5).
+
+Batch normalization makes every channel zero-mean with unit variance (004 Eq. 32), which keeps it
+as far as possible from elimination singularities. This layer instead normalizes each channel c
+to a *pre-defined* mean :math:`\hat\mu_c` and scale :math:`\hat\sigma_c`, drawn once (004 Eq. 33)
+
+.. math::
+
+    \hat\mu_c \sim \mathcal N(0, \sigma_\mu^2), \qquad
+    \hat\sigma_c = e^{\dot\sigma_c},\quad \dot\sigma_c \sim \mathcal N(0, \sigma_\sigma^2),
+
+and kept fixed during training, while the affine γ, β stays trainable (004 Eq. 34):
+
+.. math::
+
+    Y_{\cdot c \cdot\cdot} = \gamma_c\Big(\hat\sigma_c\,
+        \frac{X_{\cdot c\cdot\cdot} - \mu_{\cdot c\cdot\cdot}}{\sqrt{\sigma^2_{\cdot c\cdot\cdot}
+        + \epsilon}} + \hat\mu_c\Big) + \beta_c ,
+
+with μ, σ² the batch statistics of channel c (over N and all positions, as in batch normalization;
+running estimates in eval mode). ``sigma_mu = sigma_sigma = 0`` is batch normalization exactly;
+larger values put the model farther from BN, i.e. closer to singularities (004 Fig. 5).
+
+Readings where the paper is open:
+
+* **N(0, σ).** Eq. 33 writes :math:`\mathcal N(0, \sigma_\mu)`; we read the second argument as the
+  *standard deviation* (the symbol is a σ, and the same convention is used for
+  :math:`\hat\sigma_c = e^{\dot\sigma_c}`, which multiplies the standardized value, i.e. is a
+  standard deviation although the text calls it a "variance").
+* **Draws.** With ``seed=None`` the draws use torch's global generator (reproducible under
+  ``torch.manual_seed``, like weight initialisation); with an integer ``seed`` they come from a
+  private ``torch.Generator().manual_seed(seed)`` on the CPU: first C standard normals z_μ, then C
+  standard normals z_σ, and :math:`\hat\mu = \sigma_\mu z_\mu`,
+  :math:`\hat\sigma = \exp(\sigma_\sigma z_\sigma)` (float32). They are buffers
+  (``target_mean``, ``target_std``), so ``state_dict`` carries them.
+* **Implementation.** Eq. 34 is batch normalization with weight :math:`\gamma\hat\sigma` and bias
+  :math:`\gamma\hat\mu + \beta`, so the layer is one ``F.batch_norm`` call (or the synchronised
+  :func:`~normlab.nn.standard.batch_norm_from_sums` inside a reduction scope, like ``bn``), with
+  the same running-statistics bookkeeping as ``nn.BatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab.nn._utils import (
+    check_eps,
+    check_input,
+    check_momentum,
+    check_positive_int,
+    stat_dtype,
+)
+from normlab.nn.standard import batch_norm_from_sums
+from normlab.nn.stats import current_group
+from normlab.registry import register_norm
+
+__all__ = ["FixedStatsNorm", "draw_fixed_stats", "fixed_stats_norm"]
+
+_LAYER = "FixedStatsNorm"
+
+
+def _check_scale(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{_LAYER}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def draw_fixed_stats(
+    num_features: int,
+    sigma_mu: float,
+    sigma_sigma: float,
+    seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Draw the fixed per-channel targets of 004 Eq. 33.
+
+    Returns ``(mean, std)``, both ``(C,)`` float32 on the CPU: ``mean = sigma_mu * z1`` and
+    ``std = exp(sigma_sigma * z2)`` with z1, z2 two successive draws of C standard normals from
+    ``torch.Generator().manual_seed(seed)`` (or from torch's global generator if ``seed`` is None).
+    """
+    c = check_positive_int(num_features, "num_features", _LAYER)
+    sm = _check_scale(sigma_mu, "sigma_mu")
+    ss = _check_scale(sigma_sigma, "sigma_sigma")
+    if seed is None:
+        gen = None
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{_LAYER}: seed must be None or an integer, got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
+    z_mu = torch.randn(c, generator=gen)
+    z_sigma = torch.randn(c, generator=gen)
+    return sm * z_mu, torch.exp(ss * z_sigma)
+
+
+def fixed_stats_norm(
+    x: Tensor,
+    target_mean: Tensor,
+    target_std: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""004 Eq. 34: ``γ (σ̂ (x − μ)/√(σ² + ε) + μ̂) + β`` per channel.
+
+    μ, σ² are the batch statistics (``training=True``; the running buffers, if given, are updated
+    in place as by ``F.batch_norm``) or the running estimates (``training=False``). ``weight`` γ and
+    ``bias`` β default to 1 and 0. Differentiable in ``x``, γ and β (μ̂, σ̂ are constants).
+
+    Shape: ``x`` ``(N, C)`` or ``(N, C, *)`` -> same; every other tensor ``(C,)``.
+    """
+    scale = target_std.to(stat_dtype(x))
+    shift = target_mean.to(scale.dtype)
+    if weight is not None:
+        scale = weight * scale
+        shift = weight * shift
+    if bias is not None:
+        shift = shift + bias
+    if training and current_group() is not None:
+        return batch_norm_from_sums(x, running_mean, running_var, scale, shift, momentum, eps)
+    return F.batch_norm(x, running_mean, running_var, scale, shift, training, momentum, eps)
+
+
+@register_norm(
+    "fixedstats",
+    "batch norm to fixed random per-channel mean/std (004 Eq. 33-34, distance to singularities)",
+)
+class FixedStatsNorm(nn.Module):
+    r"""Batch normalization to fixed random per-channel statistics (004 Sec. 6.1.3, Eq. 33–34).
+
+    ``y = γ (σ̂ (x − E[x])/√(Var[x] + ε) + μ̂) + β`` with μ̂ ~ N(0, sigma_mu²) and
+    σ̂ = exp(N(0, sigma_sigma²)) drawn once per channel and fixed (see the module docstring of
+    :mod:`normlab.nn.fixedstats` for the readings). ``sigma_mu = sigma_sigma = 0`` is ``bn``.
+
+    Args:
+        num_features: C.
+        sigma_mu: σ_μ >= 0, standard deviation of the target means.
+        sigma_sigma: σ_σ >= 0, standard deviation of the log target scales.
+        seed: integer seed of the draws (private generator), or None for torch's global generator.
+        eps: added to the variance.
+        momentum: running-statistics momentum (PyTorch convention).
+        affine: learnable per-channel γ (init 1) and β (init 0).
+        track_running_stats: keep running mean/variance for eval (else batch statistics always).
+
+    Buffers: ``target_mean`` μ̂ and ``target_std`` σ̂ (C,), ``running_mean``, ``running_var`` (C,),
+    ``num_batches_tracked`` — the last three as in ``nn.BatchNorm2d``.
+
+    Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        sigma_mu: float = 0.0,
+        sigma_sigma: float = 0.0,
+        seed: int | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features", _LAYER)
+        self.sigma_mu = _check_scale(sigma_mu, "sigma_mu")
+        self.sigma_sigma = _check_scale(sigma_sigma, "sigma_sigma")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{_LAYER}: seed must be None or an integer, got {seed!r}")
+        self.seed = seed
+        self.eps = check_eps(eps, _LAYER)
+        self.momentum = check_momentum(momentum, _LAYER)
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{_LAYER}: {name} must be True or False, got {flag!r}")
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        c = num_features
+        if affine:
+            self.weight = nn.Parameter(torch.ones(c))
+            self.bias = nn.Parameter(torch.zeros(c))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("target_mean", torch.zeros(c))
+        self.register_buffer("target_std", torch.ones(c))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(c))
+            self.register_buffer("running_var", torch.ones(c))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    @torch.no_grad()
+    def reset_targets(self) -> None:
+        """Draw μ̂, σ̂ again (004 Eq. 33); with an integer ``seed`` the same values come back."""
+        mean, std = draw_fixed_stats(self.num_features, self.sigma_mu, self.sigma_sigma, self.seed)
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        self.reset_targets()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.num_features, _LAYER)
+        use_batch = self.training or not self.track_running_stats
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return fixed_stats_norm(
+            x,
+            self.target_mean,
+            self.target_std,
+            self.running_mean if (not self.training or self.track_running_stats) else None,
+            self.running_var if (not self.training or self.track_running_stats) else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            self.momentum,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, sigma_mu={self.sigma_mu}, sigma_sigma={self.sigma_sigma}, "
+            f"seed={self.seed}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
