@@ -5,11 +5,34 @@ Every normlab layer that uses batch statistics obtains them from the functions h
 what a distributed run must all-reduce to get the statistics of the global batch, so this module is
 the seam where synchronisation across processes plugs in (:func:`reduce_sums`).
 
+Cross-process reduction (issue 9). Every sums function below ends in :func:`reduce_sums`, which is
+the identity unless a *reduction scope* is open in the current thread: inside
+``with reduction_scope(group):`` (or between :func:`push_group` / :func:`pop_group`) it all-reduces
+(SUM) its tensors over the process group — one flattened collective per call, inside autograd
+(the backward all-reduces the incoming gradients, as ``nn.SyncBatchNorm`` does), see
+:func:`normlab.distributed.all_reduce_sum`. :func:`normlab.sync_stats` opens that scope around the
+forward of every batch-statistics layer in training mode, so a layer that takes *all* its batch
+sums from this module is synchronised without any change of its own. What a layer must still
+respect for the reduced sums to be the global batch's:
+
+* anything subtracted from the data before summing (a numerical "shift") must be the same on every
+  process (e.g. a running mean, or a mean obtained from an all-reduced :func:`channel_sums`), never
+  a per-process batch mean;
+* counts must come from the returned (reduced) sums, not from the local tensor's shape;
+* sums computed in a custom ``autograd.Function.backward`` run outside the forward's scope: capture
+  :func:`current_group` in the forward and re-enter it with :func:`reduction_scope` in the
+  backward (and compute parameter gradients from the *local* sums);
+* every process must make the same sequence of calls (same layers, same number of iterations),
+  since each call is a collective.
+
 All sums are accumulated in float32 for float16/bfloat16 input (see :func:`stat_dtype`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -23,7 +46,14 @@ __all__ = [
     "WeightedSums",
     "channel_sums",
     "covariance_sums",
+    "current_group",
+    "gram_sums",
+    "group_batch",
+    "pop_group",
+    "push_group",
     "reduce_sums",
+    "reduction_scope",
+    "weighted_channel_sums",
     "weighted_sums",
 ]
 
@@ -60,19 +90,63 @@ class CovarianceSums(NamedTuple):
     outer: Tensor
 
 
+class _ScopeState(threading.local):
+    """Per-thread reduction state: ``group`` is the process group sums are all-reduced over
+    (``None``: no reduction), ``stack`` the enclosing scopes' groups."""
+
+    group: object | None = None  # class default: the first read in a new thread needs no setup
+
+    def __init__(self) -> None:
+        self.stack: list[object | None] = []
+
+
+_STATE = _ScopeState()
+
+
 def reduce_sums(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Hook for cross-process reduction of sufficient statistics.
+    """The cross-process reduction of sufficient statistics.
 
-    Single-process: returns its arguments unchanged. A distributed wrapper replaces the reduction
-    (all-reduce SUM inside autograd) without any layer having to change.
+    Outside a reduction scope (single process, eval mode, or a layer that is not synchronised):
+    returns its arguments unchanged — one thread-local attribute read. Inside one: all-reduces
+    (SUM) the tensors over the scope's process group with
+    :func:`normlab.distributed.all_reduce_sum` (one collective per dtype; differentiable, the
+    backward all-reduces the gradients).
     """
-    reducer = _REDUCER
-    if reducer is None:
+    group = _STATE.group
+    if group is None:
         return tensors
-    return reducer(*tensors)
+    from normlab.distributed import all_reduce_sum  # lazy: distributed imports this module
+
+    return all_reduce_sum(tensors, group)
 
 
-_REDUCER = None  # set by a synchronisation context; None means single process
+def current_group() -> object | None:
+    """The process group :func:`reduce_sums` reduces over in this thread, or ``None``."""
+    return _STATE.group
+
+
+def push_group(group: object | None) -> None:
+    """Open a reduction scope over ``group`` (a ``torch.distributed`` ProcessGroup; ``None`` opens a
+    scope in which nothing is reduced). Must be paired with :func:`pop_group`."""
+    _STATE.stack.append(_STATE.group)
+    _STATE.group = group
+
+
+def pop_group() -> None:
+    """Close the innermost scope opened by :func:`push_group` (no-op if none is open)."""
+    if _STATE.stack:
+        _STATE.group = _STATE.stack.pop()
+
+
+@contextmanager
+def reduction_scope(group: object | None) -> Iterator[None]:
+    """``with reduction_scope(group):`` — sums computed inside are all-reduced over ``group``
+    (``None``: not reduced, e.g. to re-enter a captured :func:`current_group` that was ``None``)."""
+    push_group(group)
+    try:
+        yield
+    finally:
+        pop_group()
 
 
 def channel_sums(x: Tensor) -> ChannelSums:
@@ -99,19 +173,114 @@ def weighted_sums(points: Tensor, weights: Tensor) -> WeightedSums:
     return WeightedSums(*reduce_sums(*out))
 
 
+def weighted_channel_sums(x: Tensor, weights: Tensor, x2: Tensor | None = None) -> WeightedSums:
+    """:func:`weighted_sums` for channel-first tensors, without moving channels last.
+
+    ``x`` is ``(N, C, *)`` and ``weights`` is ``(N, K, *)`` (weight of component k at each
+    position); returns Σ w_k, Σ w_k x and Σ w_k x2 over every dimension but the channel one, with
+    ``x2 = x * x`` unless given (pass a precomputed square, or any other per-position tensor of x's
+    shape that should be summed with the same weights). ``(N, C)`` input is N points. Computed as
+    batched matrix products on the channel-first layout (no transpose copy). Differentiable.
+    """
+    dt = stat_dtype(x)
+    p = x.to(dt)
+    p2 = p * p if x2 is None else x2.to(dt)
+    w = weights.to(dt)
+    if x.dim() == 2:  # N points: plain (K, N) @ (N, C) products
+        wt = w.t()
+        out = (w.sum(0), wt @ p, wt @ p2)
+    else:  # (B, C, L) @ (B, L, K) per sample, then summed over the batch
+        n, c, k = x.shape[0], x.shape[1], w.shape[1]
+        wt = w.reshape(n, k, -1).transpose(1, 2)
+        out = (
+            wt.sum((0, 1)),
+            (p.reshape(n, c, -1) @ wt).sum(0).t(),
+            (p2.reshape(n, c, -1) @ wt).sum(0).t(),
+        )
+    return WeightedSums(*reduce_sums(*out))
+
+
+class _GramSums(torch.autograd.Function):
+    """``A ↦ (Σ_l A[..., l], A Aᵀ)`` for a batch ``A`` of shape ``(B, d, L)``.
+
+    The backward is one batched product, ``(Ḡ + Ḡᵀ) A + s̄ 1ᵀ`` (autograd of ``a.sum(-1)`` and
+    ``torch.bmm(a, a.mT)`` would compute ``Ḡ A`` and ``Ḡᵀ A`` separately and add three full-size
+    gradients). Twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(a)
+        ctx.set_materialize_grads(False)
+        return a.sum(-1), torch.bmm(a, a.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_s1: Tensor | None, grad_outer: Tensor | None) -> Tensor | None:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        if grad_outer is None:
+            if grad_s1 is None:
+                return None
+            return grad_s1.unsqueeze(-1).expand_as(a)
+        sym = grad_outer + grad_outer.transpose(1, 2)
+        if grad_s1 is None:
+            return torch.bmm(sym, a)
+        return torch.baddbmm(grad_s1.unsqueeze(-1), sym, a)
+
+
+def group_batch(x: Tensor, group_size: int) -> tuple[Tensor, int]:
+    """Channels of a channel-first tensor in groups of ``group_size`` as a batch of ``d × L``
+    matrices, in the input's own layout (a view for contiguous input, no transposed copy).
+
+    Returns ``(batch, reps)``: ``(N, C)`` input gives the ``(G, d, N)`` view and ``reps = 1``;
+    ``(N, C, *)`` input gives ``(N·G, d, prod(*))`` (one matrix per sample and group) and
+    ``reps = N``. A layer that both reduces and transforms the groups can use the same batch for
+    :func:`gram_sums` and for its own products, so autograd meets a single view of ``x``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < 1
+        or c % group_size
+    ):
+        raise ValueError(
+            f"group_size must be a positive divisor of the channel count {c}, got {group_size!r}"
+        )
+    g, d = c // group_size, group_size
+    if x.dim() == 2:
+        return x.reshape(n, g, d).permute(1, 2, 0), 1
+    return x.reshape(n * g, d, -1), n
+
+
+def gram_sums(batch: Tensor, reps: int) -> CovarianceSums:
+    """Covariance sums of a :func:`group_batch` ``(reps·G, d, L)``: count ``reps·L``, Σx (G, d) and
+    Σ x xᵀ (G, d, d), summed over the L columns and the ``reps`` copies of each group.
+
+    One batched product (``_GramSums``: its backward is a single batched product too). In float32
+    for half-precision input. Differentiable (twice).
+    """
+    dt = stat_dtype(batch)
+    b = batch.to(dt)
+    bg, d, length = b.shape
+    g = bg // reps
+    count = torch.tensor(float(reps * length), dtype=dt, device=b.device)
+    s1, outer = _GramSums.apply(b)
+    if reps > 1:
+        s1 = s1.reshape(reps, g, d).sum(0)
+        outer = outer.reshape(reps, g, d, d).sum(0)
+    return CovarianceSums(*reduce_sums(count, s1, outer))
+
+
 def covariance_sums(x: Tensor, group_size: int) -> CovarianceSums:
     """Per-group covariance sums of a channel-first tensor whose channel count is a multiple of
     ``group_size``: returns count, Σx of shape (G, d) and Σ x xᵀ of shape (G, d, d), d = group_size,
-    computed as one batched matrix product."""
-    dt = stat_dtype(x)
-    p = to_points(x).to(dt)  # (m, C)
-    m, c = p.shape
-    g = c // group_size
-    pg = p.t().reshape(g, group_size, m)  # (G, d, m)
-    count = torch.tensor(float(m), dtype=dt, device=x.device)
-    s1 = pg.sum(-1)
-    outer = torch.bmm(pg, pg.transpose(1, 2))
-    return CovarianceSums(*reduce_sums(count, s1, outer))
+    summed over every position of every sample.
+
+    Computed as one batched matrix product in the input's own layout (no transposed copy of the
+    data, see :func:`group_batch` and :func:`gram_sums`). Differentiable; the backward of Σ x xᵀ is
+    a single batched product.
+    """
+    return gram_sums(*group_batch(x.to(stat_dtype(x)), group_size))
 
 
 def points_of(x: Tensor) -> Tensor:

@@ -1,0 +1,577 @@
+"""IterNorm and DBN (002 Sec. 3): whitening against numpy/scipy ZCA, reductions to batch norm,
+gradients, running statistics, folding, grouping edge cases, ill-conditioning, arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+import normlab
+from normlab.nn.stats import covariance_sums
+from normlab.nn.whitening import (
+    DBN,
+    IterNorm,
+    group_layout,
+    iternorm_whitening_matrix,
+    newton_inverse_sqrt,
+    zca_whitening_matrix,
+)
+
+# ---------------------------------------------------------------------------------------------
+# independent oracles (numpy / scipy)
+# ---------------------------------------------------------------------------------------------
+
+
+def _points(x: torch.Tensor) -> np.ndarray:
+    """(N, C, *) -> (C, m) numpy data matrix, one column per position (002 Sec. 3.3)."""
+    a = x.detach().double().numpy()
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).T
+
+
+def _unpoints(p: np.ndarray, shape) -> np.ndarray:
+    n, c, *rest = shape
+    return np.moveaxis(p.T.reshape(n, *rest, c), -1, 1)
+
+
+def _groups(c: int, d: int) -> list[slice]:
+    d = min(d, c)
+    return [slice(s, min(s + d, c)) for s in range(0, c, d)]
+
+
+def _group_cov(xg: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    mu = xg.mean(1, keepdims=True)
+    xc = xg - mu
+    return mu[:, 0], xc @ xc.T / xg.shape[1] + eps * np.eye(xg.shape[0])
+
+
+def _zca(sigma: np.ndarray) -> np.ndarray:
+    lam, vec = scipy.linalg.eigh(sigma)
+    return (vec / np.sqrt(lam)) @ vec.T
+
+
+def _newton_literal(a: np.ndarray, iters: int) -> np.ndarray:
+    """Eq. 3 exactly as printed."""
+    p = np.eye(a.shape[0])
+    for _ in range(iters):
+        p = 0.5 * (3 * p - p @ p @ p @ a)
+    return p
+
+
+def _iternorm_matrix(sigma: np.ndarray, iters: int) -> np.ndarray:
+    tr = np.trace(sigma)
+    return _newton_literal(sigma / tr, iters) / np.sqrt(tr)
+
+
+def _reference(x, d, eps, matrix, weight=None, bias=None):
+    """Group whitening by numpy: returns output array and per-group (mean, W)."""
+    p = _points(x)
+    out = np.empty_like(p)
+    stats = []
+    for sl in _groups(p.shape[0], d):
+        mu, sigma = _group_cov(p[sl], eps)
+        w = matrix(sigma)
+        out[sl] = w @ (p[sl] - mu[:, None])
+        stats.append((mu, w))
+    if weight is not None:
+        out = (
+            out * weight.detach().double().numpy()[:, None]
+            + bias.detach().double().numpy()[:, None]
+        )
+    return _unpoints(out, tuple(x.shape)), stats
+
+
+def _correlated(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    n, c, *rest = shape
+    base = torch.randn(n, c, *rest, generator=g, dtype=dtype)
+    mix = torch.eye(c, dtype=dtype) + 0.6 * torch.randn(c, c, generator=g, dtype=dtype)
+    y = torch.einsum("ij,nj...->ni...", mix, base)
+    shift = torch.randn(c, generator=g, dtype=dtype).reshape((1, c) + (1,) * len(rest))
+    return y + shift
+
+
+def _randomize_affine(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype))
+        m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# whitening against the ZCA oracle
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 10, 3, 3), (200, 10)])
+def test_iternorm_many_iterations_is_zca(shape):
+    x = _correlated(shape)
+    m = IterNorm(10, group_size=4, iters=30).double().train()
+    y = m(x)
+    ref, _ = _reference(x, 4, m.eps, _zca)
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-7, atol=1e-8)
+    p = _points(y)
+    for sl in _groups(10, 4):
+        cov = np.cov(p[sl], bias=True)
+        np.testing.assert_allclose(cov, np.eye(cov.shape[0]), atol=1e-3)
+
+
+def test_dbn_is_zca_and_whitens():
+    x = _correlated((8, 20, 4, 4), seed=3)
+    m = _randomize_affine(DBN(20, group_size=8).double())
+    y = m(x)
+    ref, _ = _reference(x, 8, m.eps, _zca, m.weight, m.bias)
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-9, atol=1e-9)
+    m2 = DBN(20, group_size=8, affine=False).double()
+    p = _points(m2(x))
+    for sl in _groups(20, 8):
+        cov = np.cov(p[sl], bias=True)
+        np.testing.assert_allclose(cov, np.eye(cov.shape[0]), atol=1e-3)
+        # the off-diagonal correlations really were there before whitening
+        assert np.abs(np.corrcoef(_points(x)[sl]) - np.eye(cov.shape[0])).max() > 0.2
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_iternorm_few_iterations_follow_eq3_literally(iters):
+    x = _correlated((12, 6, 5, 5), seed=5)
+    m = _randomize_affine(IterNorm(6, group_size=6, iters=iters).double())
+    y = m(x)
+    ref, _ = _reference(x, 6, m.eps, lambda s: _iternorm_matrix(s, iters), m.weight, m.bias)
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-10, atol=1e-10)
+    # T = 5 only partially whitens: output covariance is not the identity (Sec. 3.1)
+    if iters <= 3:
+        m0 = IterNorm(6, group_size=6, iters=iters, affine=False).double()
+        cov = np.cov(_points(m0(x)), bias=True)
+        assert np.abs(cov - np.eye(6)).max() > 0.05
+
+
+def test_newton_coupled_form_is_stable_where_eq3_diverges():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    lam = np.logspace(0, -3, 8)
+    a = (q * lam) @ q.T
+    a /= np.trace(a)
+    with np.errstate(all="ignore"):
+        literal = _newton_literal(a, 60)
+    assert not np.allclose(literal, _zca(a), atol=1e-3)  # Eq. 3 as printed blows up
+    p = newton_inverse_sqrt(torch.from_numpy(a), 60).numpy()
+    np.testing.assert_allclose(p, _zca(a), rtol=1e-8, atol=1e-8)
+    t = iternorm_whitening_matrix(torch.from_numpy(a * 7.0), 60).numpy()
+    np.testing.assert_allclose(t, _zca(a * 7.0), rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [IterNorm, DBN])
+@pytest.mark.parametrize("shape", [(8, 5, 3, 4), (32, 5)])
+def test_group_size_one_is_batch_norm(cls, shape):
+    x = _correlated(shape, seed=7)
+    m = _randomize_affine(cls(5, group_size=1).double())
+    ref = F.batch_norm(x, None, None, m.weight, m.bias, training=True, eps=m.eps)
+    torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_iters_zero_is_trace_normalization():
+    x = _correlated((10, 6, 3, 3), seed=2)
+    m = IterNorm(6, group_size=3, iters=0, affine=False).double()
+    p = _points(x)
+    out = np.empty_like(p)
+    for sl in _groups(6, 3):
+        xc = p[sl] - p[sl].mean(1, keepdims=True)
+        tr = (xc**2).sum() / xc.shape[1] + 3 * m.eps
+        out[sl] = xc / np.sqrt(tr)
+    np.testing.assert_allclose(m(x).detach().numpy(), _unpoints(out, x.shape), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [(IterNorm, {"iters": 4}), (IterNorm, {"iters": 0}), (IterNorm, {"iters": 12}), (DBN, {})],
+)
+@pytest.mark.parametrize("shape", [(3, 5, 2, 2), (9, 5)])
+def test_gradcheck(cls, kw, shape):
+    torch.manual_seed(0)
+    m = _randomize_affine(cls(5, group_size=3, **kw).double())  # groups of 3 and 2
+    x = _correlated(shape, seed=11).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, b: m(x), (x, m.weight, m.bias))
+    assert torch.autograd.gradcheck(
+        lambda w, b: F.linear(m(x.detach()).flatten(), torch.ones(1, x.numel(), dtype=x.dtype)),
+        (m.weight, m.bias),
+    )
+
+
+def test_gradcheck_iternorm_through_trace_vs_literal_autograd():
+    """Autograd through the coupled form equals autograd through Eq. 3–5 as printed (float64)."""
+    x = _correlated((20, 4), seed=4).requires_grad_(True)
+    g = torch.randn(20, 4, dtype=torch.float64)
+    m = IterNorm(4, group_size=4, iters=5, affine=False).double()
+    (gx,) = torch.autograd.grad(m(x), x, g)
+
+    def literal(x):
+        xc = x - x.mean(0)
+        sigma = xc.T @ xc / x.shape[0] + m.eps * torch.eye(4, dtype=x.dtype)
+        tr = sigma.trace()
+        p = torch.eye(4, dtype=x.dtype)
+        for _ in range(5):
+            p = 0.5 * (3 * p - p @ p @ p @ (sigma / tr))
+        return xc @ (p / tr.sqrt()).T
+
+    (gref,) = torch.autograd.grad(literal(x), x, g)
+    torch.testing.assert_close(gx, gref, rtol=1e-10, atol=1e-10)
+
+
+def test_zca_backward_matches_eigh_autograd_and_handles_repeated_eigenvalues():
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 5, dtype=torch.float64)
+    sigma = (a @ a.mT + 0.5 * torch.eye(5, dtype=torch.float64)).requires_grad_(True)
+    g = torch.randn(2, 5, 5, dtype=torch.float64)
+
+    def via_eigh(s):
+        lam, vec = torch.linalg.eigh(s)
+        return (vec / lam.sqrt().unsqueeze(-2)) @ vec.mT
+
+    (g1,) = torch.autograd.grad(zca_whitening_matrix(sigma), sigma, g)
+    (g2,) = torch.autograd.grad(via_eigh(sigma), sigma, g)
+    torch.testing.assert_close(0.5 * (g1 + g1.mT), 0.5 * (g2 + g2.mT), rtol=1e-10, atol=1e-10)
+    # exactly repeated eigenvalues (Σ = 2I plus a rank-one term): the eigenvector backward of
+    # eigh divides by zero, the Loewner backward does not and matches finite differences
+    u = torch.randn(5, 1, dtype=torch.float64)
+    s0 = 2 * torch.eye(5, dtype=torch.float64) + u @ u.T
+    x0 = torch.zeros(5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: zca_whitening_matrix(s0 + e + e.mT), (x0,))
+    x1 = torch.zeros(5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda e: zca_whitening_matrix(torch.eye(5, dtype=torch.float64) + e + e.mT), (x1,)
+    )
+    # Σ = cI (all eigenvalues equal): W = c^{-1/2} I, so dW = -½ c^{-3/2} dΣ for symmetric dΣ
+    s_rep = (2 * torch.eye(5, dtype=torch.float64)).requires_grad_(True)
+    (gz,) = torch.autograd.grad(zca_whitening_matrix(s_rep), s_rep, g[0])
+    expected = -0.5 * 2.0**-1.5 * 0.5 * (g[0] + g[0].T)
+    torch.testing.assert_close(gz, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_covariance_sums_against_numpy_and_gradcheck():
+    x = _correlated((3, 6, 2, 5), seed=9)
+    count, s1, outer = covariance_sums(x, 3)
+    p = _points(x)
+    assert float(count) == p.shape[1]
+    for gi, sl in enumerate(_groups(6, 3)):
+        np.testing.assert_allclose(s1[gi].numpy(), p[sl].sum(1), rtol=1e-12)
+        np.testing.assert_allclose(outer[gi].numpy(), p[sl] @ p[sl].T, rtol=1e-12)
+    x2 = _correlated((7, 4), seed=1)
+    _, s1, outer = covariance_sums(x2, 2)
+    p = _points(x2)
+    np.testing.assert_allclose(outer[1].numpy(), p[2:] @ p[2:].T, rtol=1e-12)
+    xr = x.clone().requires_grad_(True)
+    for outputs in (lambda s: s.outer, lambda s: s.s1, lambda s: (s.s1, s.outer)):
+        fn = lambda t, outputs=outputs: outputs(covariance_sums(t, 3))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (xr,))
+        assert torch.autograd.gradgradcheck(fn, (xr,))
+    x2r = x2.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: covariance_sums(t, 2)[1:], (x2r,))
+    with pytest.raises(ValueError, match="group_size"):
+        covariance_sums(x, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# running statistics, eval, state_dict, folding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw", "matrix"),
+    [
+        (IterNorm, {"iters": 5}, lambda s: _iternorm_matrix(s, 5)),
+        (DBN, {}, _zca),
+    ],
+)
+def test_running_stats_two_steps_eval_and_state_dict(cls, kw, matrix):
+    c, d, mom = 7, 4, 0.3
+    m = _randomize_affine(cls(c, group_size=d, momentum=mom, **kw).double())
+    x1, x2 = _correlated((6, c, 3, 3), seed=1), _correlated((6, c, 3, 3), seed=2) * 2
+    m(x1)
+    m(x2)
+    _, st1 = _reference(x1, d, m.eps, matrix)
+    _, st2 = _reference(x2, d, m.eps, matrix)
+    mean_ref = np.concatenate([(1 - mom) * mom * a[0] + mom * b[0] for a, b in zip(st1, st2)])
+    np.testing.assert_allclose(m.running_mean.numpy(), mean_ref, rtol=1e-10)
+    for gi, (a, b) in enumerate(zip(st1, st2)):
+        k = a[1].shape[0]
+        eye = np.eye(k)
+        wm_ref = (1 - mom) * ((1 - mom) * eye + mom * a[1]) + mom * b[1]
+        np.testing.assert_allclose(m.running_wm[gi, :k, :k].numpy(), wm_ref, rtol=1e-9, atol=1e-12)
+    # the unused padding of the smaller last group stays at the identity
+    torch.testing.assert_close(m.running_wm[-1, 3:, 3:], torch.eye(1, dtype=torch.float64))
+    torch.testing.assert_close(m.running_wm[-1, :3, 3:], torch.zeros(3, 1, dtype=torch.float64))
+
+    m.eval()
+    x3 = _correlated((5, c, 2, 2), seed=3)
+    p = _points(x3)
+    out = np.empty_like(p)
+    wm, mu = m.running_wm.numpy(), m.running_mean.numpy()
+    for gi, sl in enumerate(_groups(c, d)):
+        k = sl.stop - sl.start
+        out[sl] = wm[gi, :k, :k] @ (p[sl] - mu[sl, None])
+    out = out * m.weight.detach().numpy()[:, None] + m.bias.detach().numpy()[:, None]
+    y3 = m(x3)
+    np.testing.assert_allclose(y3.detach().numpy(), _unpoints(out, x3.shape), rtol=1e-10)
+    before = m.running_wm.clone()
+    m(x3)
+    torch.testing.assert_close(m.running_wm, before)  # eval does not update
+
+    fresh = cls(c, group_size=d, momentum=mom, **kw).double().eval()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh(x3), y3)
+    assert set(m.state_dict()) == {"weight", "bias", "running_mean", "running_wm"}
+    m.reset_running_stats()
+    assert m.running_mean.abs().max() == 0
+    torch.testing.assert_close(m.running_wm, torch.eye(d, dtype=torch.float64).expand(2, d, d))
+
+
+@pytest.mark.parametrize("cls", [IterNorm, DBN])
+@pytest.mark.parametrize(
+    ("c", "d", "shape_tail", "kind"),
+    [
+        (8, 4, (5, 5), "conv2d"),  # grouped conv
+        (7, 4, (5, 5), "conv2d"),  # dense (unequal groups)
+        (8, 4, (), "linear"),
+        (6, 4, (9,), "conv1d"),
+        (6, 3, (2, 3, 2), "conv3d"),
+    ],
+)
+def test_fold_equals_eval(cls, c, d, shape_tail, kind):
+    m = _randomize_affine(cls(c, group_size=d).double())
+    for s in range(3):
+        m(_correlated((6, c, *shape_tail), seed=s))
+    m.eval()
+    x = _correlated((4, c, *shape_tail), seed=10)
+    y = m(x)
+    folded = m.fold()  # inferred from the last input's rank
+    explicit = m.fold(kind)
+    assert type(folded) is type(explicit)
+    expected = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d"}
+    assert type(folded).__name__ == expected[kind]
+    if kind.startswith("conv"):
+        assert folded.groups == (c // d if c % d == 0 else 1)
+    torch.testing.assert_close(folded(x), y, rtol=1e-10, atol=1e-10)
+
+
+def test_fold_requires_kind_before_any_input():
+    m = IterNorm(8, group_size=4)
+    with pytest.raises(ValueError, match="kind"):
+        m.fold()
+    with pytest.raises(ValueError, match="kind"):
+        m.fold("conv4d")
+    assert isinstance(m.fold("linear"), torch.nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouping edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [IterNorm, DBN])
+@pytest.mark.parametrize("shape", [(4, 80, 4, 4), (300, 80)])
+def test_non_divisible_channels_are_two_independent_layers(cls, shape):
+    x = _correlated(shape, seed=6)
+    m = _randomize_affine(cls(80, group_size=64).double())
+    assert m.layout == group_layout(80, 64) and m.num_groups == 2
+    y = m(x)
+    a = cls(64, group_size=64).double()
+    b = cls(16, group_size=64).double()  # clamped to one group of 16
+    assert b.group_size == 16
+    with torch.no_grad():
+        for part, sl in ((a, slice(0, 64)), (b, slice(64, 80))):
+            part.weight.copy_(m.weight[sl])
+            part.bias.copy_(m.bias[sl])
+    ref = torch.cat([a(x[:, :64]), b(x[:, 64:])], 1)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m.running_wm[1, :16, :16], b.running_wm[0])
+    y.square().sum().backward()
+    assert torch.isfinite(m.weight.grad).all()
+
+
+def test_group_size_is_clamped_to_channels():
+    m = normlab.make_norm("iternorm", 3)
+    assert m.group_size == 3 and m.num_groups == 1 and m.running_wm.shape == (1, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate and ill-conditioned input
+# ---------------------------------------------------------------------------------------------
+
+
+def _ill_conditioned(dtype=torch.float32):
+    """Duplicated, constant and nearly-collinear channels; fewer positions than channels in one
+    layout."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 3, 3, dtype=dtype)
+    x[:, 1] = x[:, 0]  # exactly collinear
+    x[:, 2] = 5.0  # constant
+    x[:, 3] = 1e3 * x[:, 4] + 1e-4 * torch.randn(16, 3, 3, dtype=dtype)  # huge spread of scales
+    return x
+
+
+@pytest.mark.parametrize("x", [_ill_conditioned(), torch.randn(3, 8), torch.randn(1, 8)])
+@pytest.mark.parametrize("spec", ["dbn(group_size=8)", "iternorm(group_size=8, iters=5)"])
+def test_ill_conditioned_and_degenerate_batches_stay_finite(x, spec):
+    m = normlab.make_norm(spec, 8)
+    xr = x.clone().requires_grad_(True)
+    y = m(xr)
+    assert torch.isfinite(y).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(xr.grad).all() and torch.isfinite(m.weight.grad).all()
+    assert torch.isfinite(m.running_wm).all()
+
+
+def _large_collinear():
+    """Collinear channels at a large scale in float32: rounding in Σ exceeds ε, so Σ's computed
+    smallest eigenvalues can be negative."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, 4, 4) * 1e3 + 1e3
+    x[:, 5] = x[:, 6]
+    x[:, 7] = 2 * x[:, 8]
+    return x.requires_grad_(True)
+
+
+def test_dbn_rounding_negative_eigenvalues_are_clamped():
+    x = _large_collinear()
+    m = DBN(64, group_size=64)
+    count, s1, outer = covariance_sums(x.detach(), 64)
+    mu = s1 / count
+    sigma = outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + m.eps * torch.eye(64)
+    _, lam = zca_whitening_matrix(sigma, return_eigenvalues=True)
+    assert lam.min() < m.eps  # rounding pushed eigenvalues below the exact bound ε: clamp needed
+    y = m(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("iters", [30, 200])
+def test_iternorm_many_iterations_float32_rank_deficient_stays_finite(iters):
+    """Rounding makes an eigenvalue of Σ_N negative, for which Newton's iteration overflows unless
+    guarded."""
+    x = _large_collinear()
+    m = IterNorm(64, group_size=64, iters=iters)
+    y = m(x)
+    assert torch.isfinite(y).all() and y.abs().max() < 100
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_dbn_clamps_eigenvalues_and_whitens_the_rest():
+    x = _ill_conditioned(torch.float64)
+    m = DBN(8, group_size=8, affine=False).double()
+    y = m(x)
+    p = _points(y)
+    # the well-determined channels (5, 6, 7) are whitened as usual
+    np.testing.assert_allclose(np.cov(p[5:], bias=True), np.eye(3), atol=1e-4)
+    # the constant channel maps to 0, not to an amplified rounding error
+    assert np.abs(p[2]).max() < 1e-6
+
+
+def test_dbn_max_condition_check_raises():
+    x = _ill_conditioned()
+    with pytest.raises(ValueError, match="ill-conditioned"):
+        DBN(8, group_size=8, max_condition=1e4)(x)
+    DBN(8, group_size=8, max_condition=1e12)(torch.randn(32, 8, 2, 2))  # well-conditioned: fine
+    bad = torch.randn(32, 8)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        DBN(8, group_size=8, max_condition=1e12)(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["iternorm(group_size=4)", "dbn(group_size=4)"])
+def test_half_input_uses_float32_statistics_and_autocast(spec):
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 4, 4)
+    m = normlab.make_norm(spec, 8)
+    ref = m(x)
+    yb = m(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ref, rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = m(x)
+    assert ya.dtype == torch.float32
+    torch.testing.assert_close(ya, ref, rtol=1e-5, atol=1e-5)  # autocast is off inside
+    m64 = normlab.make_norm(spec.replace(")", ", stat_dtype=float64)"), 8)
+    assert m64.stat_dtype == "float64" and "stat_dtype=float64" in repr(m64)
+    y64 = m64(x)
+    ref64 = normlab.make_norm(spec, 8).double()(x.double())
+    assert y64.dtype == torch.float32
+    torch.testing.assert_close(y64.double(), ref64, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration, registry
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (IterNorm, {"group_size": 0}, "group_size"),
+        (IterNorm, {"group_size": 2.5}, "group_size"),
+        (IterNorm, {"iters": -1}, "iters"),
+        (IterNorm, {"iters": 1.5}, "iters"),
+        (IterNorm, {"eps": 0}, "eps"),
+        (IterNorm, {"momentum": 1.5}, "momentum"),
+        (IterNorm, {"affine": "yes"}, "affine"),
+        (IterNorm, {"stat_dtype": "float16"}, "stat_dtype"),
+        (DBN, {"group_size": -4}, "group_size"),
+        (DBN, {"max_condition": 0.5}, "max_condition"),
+        (DBN, {"eps": -1e-5}, "eps"),
+    ],
+)
+def test_bad_arguments(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(8, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [IterNorm, DBN])
+def test_bad_input(cls):
+    m = cls(8, group_size=4)
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(4, 6, 3, 3))
+    with pytest.raises(ValueError, match="1-D"):
+        m(torch.randn(8))
+    with pytest.raises(ValueError, match="num_features"):
+        cls(0)
+
+
+@pytest.mark.parametrize(
+    "spec", ["iternorm", "iternorm(group_size=8, iters=3)", "dbn(group_size=4)", "dbn"]
+)
+@pytest.mark.parametrize("shape", [(16, 12), (4, 12, 5, 5), (4, 3, 5, 5), (16, 3)])
+def test_registry_specs_forward_backward(spec, shape):
+    m = normlab.make_norm(spec, shape[1])
+    x = torch.randn(*shape, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert m.group_size == min(m.requested_group_size, shape[1])
+    assert "group_size" in repr(m)
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+
+def test_exported_names():
+    assert normlab.IterNorm is IterNorm and normlab.DBN is DBN
+    assert "iternorm" in normlab.available_norms() and "dbn" in normlab.available_norms()
