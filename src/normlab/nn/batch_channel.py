@@ -38,6 +38,11 @@ is used only in large-batch mode and ``rate`` only in micro-batch mode.
 If ``micro_batch=True`` and no rate has been set when a training forward runs, the layer raises
 ``RuntimeError`` rather than guessing a default: the paper ties r to the learning rate, so call
 :func:`set_bcn_rate` with the optimizer before each step (or pass ``rate=`` for a fixed rate).
+
+Synchronised (issue 9, :func:`normlab.sync_stats`): in large-batch mode the batch part uses
+statistics of all processes' samples (:func:`normlab.nn.standard.batch_norm_from_sums`); in
+micro-batch mode μ̇ and σ̇² of Algorithm 1 come from all-reduced :func:`channel_sums` (the
+estimates stay identical on every process, given the same r). The channel part is per sample.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.nn._utils import check_eps, check_input, check_momentum, check_positive_int
-from normlab.nn.standard import default_num_groups
-from normlab.nn.stats import channel_sums
+from normlab.nn.standard import batch_norm_from_sums, default_num_groups
+from normlab.nn.stats import channel_sums, current_group
 from normlab.registry import register_norm
 
 __all__ = [
@@ -147,9 +152,16 @@ def batch_channel_norm(
     estimates of :func:`micro_batch_estimates`). ``weight``/``bias`` are the per-channel (γ^b, β^b),
     ``group_weight``/``group_bias`` the per-group (γ^c, β^c).
 
+    Inside a reduction scope (:func:`normlab.sync_stats`) the batch statistics of the large-batch
+    mode are those of all processes (:func:`normlab.nn.standard.batch_norm_from_sums`); the
+    channel part is per sample and needs no synchronisation.
+
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
     """
-    xb = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, momentum, eps)
+    if use_batch_stats and current_group() is not None:
+        xb = batch_norm_from_sums(x, mean, var, weight, bias, momentum, eps)
+    else:
+        xb = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, momentum, eps)
     return channel_group_norm(xb, num_groups, group_weight, group_bias, eps)
 
 

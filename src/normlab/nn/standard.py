@@ -3,16 +3,30 @@
 ``bn`` is batch normalization over every dimension except channels (``nn.BatchNorm1d/2d/3d`` in
 one class); ``gn``, ``ln`` and ``in`` are group normalization with G groups, one group, and one
 group per channel. All have a per-channel affine (γ, β) by default.
+
+Synchronised batch statistics (issue 9): inside a reduction scope of :mod:`normlab.nn.stats`
+(opened by :func:`normlab.sync_stats` around a training forward), ``bn`` computes its statistics
+with :func:`batch_norm_from_sums`, whose sums are all-reduced over the processes; elsewhere it is
+``F.batch_norm``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from normlab.nn._utils import check_input, check_positive_int
+from normlab.nn._utils import channel_view, check_input, check_positive_int, stat_dtype
+from normlab.nn.stats import channel_sums, current_group
 from normlab.registry import register_norm
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "default_num_groups"]
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "batch_norm_from_sums",
+    "default_num_groups",
+]
 
 
 def default_num_groups(num_channels: int) -> int:
@@ -24,12 +38,69 @@ def default_num_groups(num_channels: int) -> int:
     return g
 
 
+def batch_norm_from_sums(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Training-mode batch normalization with statistics from :func:`normlab.nn.stats.channel_sums`.
+
+    The same function as ``F.batch_norm(x, running_mean, running_var, weight, bias, True,
+    momentum, eps)`` — ``y = (x − μ)/√(σ² + eps)·γ + β`` with the batch mean and biased variance
+    over every dimension but 1, and running statistics updated in place with the unbiased
+    variance, ``running = (1 − momentum)·running + momentum·batch`` — but its statistics are sums,
+    so inside a reduction scope (:func:`normlab.sync_stats`) they are those of the global batch,
+    with gradients through the all-reduce. Differentiable in ``x``, ``weight`` and ``bias``.
+
+    Numerics: the sums are taken of ``x − c`` with a shift ``c`` that is the same on every
+    process — the running mean if given (identical on every process: it starts equal and is
+    updated from global statistics; DDP also broadcasts buffers), otherwise the global batch mean
+    from a first, gradient-free pass (one extra small all-reduce). This keeps E[(x−c)²] − E[x−c]²
+    free of cancellation as long as ``|μ − c|`` is not much larger than σ. Statistics are in
+    float32 for half input; the output has ``x``'s dtype. A single value per channel is allowed
+    (globally there may be many); its variance is 0 and the running variance uses factor 1.
+
+    Shape: ``(N, C)`` or ``(N, C, *)`` -> same; ``running_*``, ``weight``, ``bias`` ``(C,)``.
+    """
+    dt = stat_dtype(x)
+    nd = x.dim()
+    xf = x.to(dt)
+    if running_mean is not None:
+        shift = running_mean.detach().to(dt)
+    else:
+        with torch.no_grad():
+            shift = channel_sums(xf).mean_var()[0]
+    xs = xf - channel_view(shift, nd)
+    sums = channel_sums(xs)
+    d, var = sums.mean_var()  # d = μ − c
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    offset = -d * scale
+    if bias is not None:
+        offset = offset + bias.to(dt)
+    y = torch.addcmul(channel_view(offset, nd), xs, channel_view(scale, nd))
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            n = sums.count
+            unbiased = var * (n / (n - 1).clamp_min(1))
+            running_mean.lerp_((shift + d).to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return y.to(x.dtype)
+
+
 @register_norm("bn", "batch normalization (Ioffe & Szegedy), running statistics for eval")
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     r"""Batch normalization for ``(N, C)`` and ``(N, C, *)`` input.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β`` with statistics over every dimension but 1.
-    Same arguments, buffers and ``state_dict`` keys as ``nn.BatchNorm2d``.
+    Same arguments, buffers and ``state_dict`` keys as ``nn.BatchNorm2d``. After
+    :func:`normlab.sync_stats` its training statistics are those of all processes' samples
+    (:func:`batch_norm_from_sums`); otherwise it is exactly torch's batch normalization.
     """
 
     def __init__(
@@ -45,6 +116,27 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(input, self.num_features, "BatchNorm")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or current_group() is None:
+            return super().forward(input)
+        # synchronised training step: torch's bookkeeping, statistics from all-reduced sums
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        track = self.track_running_stats
+        if track and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as torch does
+                factor = 1.0 / float(self.num_batches_tracked)
+        return batch_norm_from_sums(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+        )
 
 
 class GroupNorm(nn.GroupNorm):

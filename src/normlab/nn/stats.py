@@ -128,14 +128,16 @@ def current_group() -> object | None:
 def push_group(group: object | None) -> None:
     """Open a reduction scope over ``group`` (a ``torch.distributed`` ProcessGroup; ``None`` opens a
     scope in which nothing is reduced). Must be paired with :func:`pop_group`."""
-    _STATE.stack.append(_STATE.group)
-    _STATE.group = group
+    state = _STATE
+    state.stack.append(state.group)
+    state.group = group
 
 
 def pop_group() -> None:
     """Close the innermost scope opened by :func:`push_group` (no-op if none is open)."""
-    if _STATE.stack:
-        _STATE.group = _STATE.stack.pop()
+    stack = _STATE.stack
+    if stack:
+        _STATE.group = stack.pop()
 
 
 @contextmanager

@@ -16,9 +16,16 @@ Choices:
   log term) and a finite gradient, and the gradient keeps pushing a tiny variance up (a clamp would
   zero it).
 * Statistics are computed in float32 (float64 input stays float64) with a two-pass
-  ``torch.var_mean``, accurate even when |μ| ≫ σ. They are per process — like 003 App. A.6, where
-  "statistical moments are calculated independently for each core" — so they do not go through
-  :func:`normlab.nn.stats.reduce_sums`.
+  ``torch.var_mean``, accurate even when |μ| ≫ σ. By default they are per process — like 003
+  App. A.6, where "statistical moments are calculated independently for each core".
+* Synchronised (issue 9, :meth:`StandardizationLoss.sync` or ``normlab.sync_stats(model,
+  std_loss=...)``): in training the moments are those of all processes' samples
+  (:func:`synced_standardization_moments`: two all-reduced :func:`normlab.nn.stats.channel_sums`
+  passes, the second shifted by the global mean, so still free of cancellation), with gradients
+  through the all-reduce. Every process then gets the same, global loss value. Adding it to each
+  process's loss under DDP gives exactly the global computation's gradient: the backward
+  all-reduce (SUM) hands every process W times its share, and DDP's averaging divides by W. (When
+  summing per-process gradients without DDP, add ``loss() / W`` instead.)
 * The channel dimension is 1 for convolutions and any other module (channel-first ``(N, C, *)``),
   and the last dimension for ``nn.Linear`` (whose output is ``(N, *, C)``).
 """
@@ -32,7 +39,15 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StandardizationLoss", "standardization_loss", "standardization_moments"]
+from normlab.nn._utils import channel_view
+from normlab.nn.stats import channel_sums, reduction_scope
+
+__all__ = [
+    "StandardizationLoss",
+    "standardization_loss",
+    "standardization_moments",
+    "synced_standardization_moments",
+]
 
 _PREACT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _GLOB_CHARS = set("*?[")
@@ -57,6 +72,38 @@ def standardization_moments(x: Tensor, channel_dim: int = 1) -> tuple[Tensor, Te
     dims = [d for d in range(x.dim()) if d != cd]
     var, mean = torch.var_mean(xf, dim=dims, correction=0)
     return mean, var
+
+
+def synced_standardization_moments(
+    x: Tensor, channel_dim: int = 1, group: object | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`standardization_moments` over the samples of every process of ``group`` (a
+    ``torch.distributed`` ProcessGroup; ``None``: this process only, computed the same way).
+
+    Two passes of :func:`normlab.nn.stats.channel_sums` in a reduction scope: a gradient-free one
+    for the global mean μ̄, then Σ(x − μ̄), Σ(x − μ̄)² and the count, all-reduced inside autograd;
+    μ = μ̄ + Σ(x − μ̄)/n and σ² = Σ(x − μ̄)²/n − (Σ(x − μ̄)/n)². The second term is ~0 in value but
+    carries the exact gradient. Float32 statistics (float64 input: float64). Differentiable.
+
+    Shape: as :func:`standardization_moments`; returns two ``(C,)`` tensors.
+    """
+    if x.dim() < 2:
+        raise ValueError(
+            f"standardization_loss: expected a tensor with a batch and a channel dimension, got "
+            f"shape {tuple(x.shape)}"
+        )
+    cd = channel_dim % x.dim()
+    if cd == 0:
+        raise ValueError("standardization_loss: channel_dim cannot be the batch dimension 0")
+    xf = x if x.dtype == torch.float64 else x.float()
+    xc = xf.movedim(cd, 1)  # a view: channel_sums reduces every dimension but 1
+    with reduction_scope(group):
+        with torch.no_grad():
+            center = channel_sums(xc).mean_var()[0]
+        sums = channel_sums(xc - channel_view(center, xc.dim()))
+    d = sums.s1 / sums.count
+    var = (sums.s2 / sums.count - d * d).clamp_min(0)
+    return center + d, var
 
 
 def standardization_loss(x: Tensor, channel_dim: int = 1, eps: float = 1e-8) -> Tensor:
@@ -150,6 +197,9 @@ class StandardizationLoss:
         weight: multiplies the total (003 uses 1.0 on MNIST down to 1e-6 on ResNet-50).
         eps: ``log σ²`` is taken as ``log(σ² + eps)``.
 
+    Multi-process training: by default the moments are per process (003 App. A.6);
+    :meth:`sync` makes them global (see the module docstring for the gradient under DDP).
+
     Each forward of a hooked module *in training mode* adds its layer's Eq. 2 value to an
     accumulator; :meth:`loss` returns ``weight ×`` the total and resets it. The hooks never modify
     outputs. Use as ``loss = task_loss + std.loss()`` once per step (a forgotten ``loss()`` keeps
@@ -191,6 +241,8 @@ class StandardizationLoss:
         self._last: dict[str, Tensor] = {}
         self._moments: dict[str, tuple[Tensor, Tensor]] = {}
         self._handles = []
+        self._synced = False
+        self._process_group: object | None = None
         for n in names:
             mod = model.get_submodule(n)
             self._handles.append(mod.register_forward_hook(self._make_hook(n)))
@@ -205,13 +257,50 @@ class StandardizationLoss:
                     f"{type(output).__name__}, expected a tensor"
                 )
             cd = -1 if isinstance(module, nn.Linear) else 1
-            mean, var = standardization_moments(output, cd)
+            group = None
+            if self._synced:
+                from normlab.distributed import resolve_group  # lazy: avoids an import cycle
+
+                group = resolve_group(self._process_group)
+            if group is None:
+                mean, var = standardization_moments(output, cd)
+            else:
+                mean, var = synced_standardization_moments(output, cd, group)
             value = _eq2(mean, var, self.eps)
             self._total = value if self._total is None else self._total + value.to(self._total)
             self._last[name] = value.detach()
             self._moments[name] = (mean.detach(), var.detach())
 
         return hook
+
+    def sync(self, process_group: object | None = None) -> StandardizationLoss:
+        """Compute the moments over all processes of ``process_group`` (``None``: the default
+        group) in training forwards, like :func:`normlab.sync_stats` does for layers. A no-op
+        while ``torch.distributed`` is not initialised or the group has one process (resolved at
+        every forward). Every process must then run the hooked layers in the same order.
+        Returns ``self``."""
+        dist = torch.distributed
+        if process_group is not None and not (
+            dist.is_available() and isinstance(process_group, dist.ProcessGroup)
+        ):
+            raise TypeError(
+                "StandardizationLoss.sync: process_group must be a torch.distributed ProcessGroup "
+                f"or None (the default group), got {type(process_group).__name__}"
+            )
+        self._synced = True
+        self._process_group = process_group
+        return self
+
+    def unsync(self) -> StandardizationLoss:
+        """Back to per-process moments (003 App. A.6). Returns ``self``."""
+        self._synced = False
+        self._process_group = None
+        return self
+
+    @property
+    def synced(self) -> bool:
+        """Whether :meth:`sync` is in effect."""
+        return self._synced
 
     def loss(self) -> Tensor:
         """``weight × Σ_layers Eq. 2`` accumulated since the last call, then reset. A zero
@@ -250,5 +339,5 @@ class StandardizationLoss:
     def __repr__(self) -> str:
         return (
             f"StandardizationLoss(weight={self.weight}, eps={self.eps}, "
-            f"layers={self.names}, active={bool(self._handles)})"
+            f"layers={self.names}, active={bool(self._handles)}, synced={self._synced})"
         )
