@@ -1,3 +1,433 @@
-"""Placeholder: filled in by its issue."""
+r"""Batched k-means++ / k-means / EM for diagonal-covariance Gaussian mixtures (no autograd).
 
-__all__: list[str] = []
+The fitting engine behind :class:`normlab.MixtureNorm` (000 Sec. 3.2 and 4.2), usable on its own.
+A mixture is fitted to *points*: the C-dimensional vectors of a channel-first tensor, one per sample
+and position, i.e. ``x`` of shape ``(N, C)`` (N points) or ``(N, C, *)`` (N·prod(*) points). The
+engine never moves channels last: every pass over the points is a (batched) matrix product on the
+channel-first layout, e.g. the log-likelihood of all points under all K components is
+
+    log N(x | μ_k, σ²_k) = -½ [C log 2π + Σ_c log σ²_kc + (1/σ²_k)·x² - 2 (μ_k/σ²_k)·x + Σ_c μ²_kc/σ²_kc]
+
+with the two dot products computed as ``(K, C) @ (C, points)`` products; weighted sums go through
+:func:`normlab.nn.stats.weighted_channel_sums`. Posteriors ("responsibilities") therefore have the
+layout ``(N, K)`` / ``(N, K, L)`` (component index where the channel index was).
+
+Pieces (all run under ``torch.no_grad()``; iteration counts are fixed, so nothing synchronises
+with the host):
+
+* :func:`kmeans_plus_plus` — greedy k-means++ seeding (000 Sec. 4.2: "2 + log(K) trials"): the first
+  centre is a uniformly random point; each further centre is the best, by the k-means potential, of
+  ``2 + ⌊ln K⌋`` candidates drawn by the D² rule (Arthur & Vassilvitskii's sampling, the greedy
+  variant also used by scikit-learn).
+* :func:`kmeans` — Lloyd iterations (an empty cluster keeps its centre).
+* :func:`hard_m_step` / :func:`m_step` — maximum-likelihood (λ, μ, σ²) from hard or soft
+  responsibilities, with ``reg_covar`` added to every variance (as scikit-learn does).
+* :func:`e_step` — posteriors by log-sum-exp; components can be masked out (``keep``), which
+  renormalises the posteriors over the remaining ones (000 Sec. 5.3).
+* :func:`kmeans_init` — Lloyd iterations, then the initial mixture: the hard M-step of the assignment
+  that produced the final centres.
+* :func:`fit_gmm` — seeding, :func:`kmeans_init`, EM.
+
+Numerics: coordinates are shifted by a per-channel constant (by default the mean of all points),
+which leaves every step equivariant (means are shifted back) but keeps squares — hence variances
+and distances — from cancelling catastrophically; the shifted squares are the one activation-sized
+tensor the engine allocates (:class:`PointSet`), first moments and dot products are taken on the
+raw points and corrected by the shift. Squared distances are clamped at 0, variances are floored
+by ``reg_covar``, a component that loses all its points keeps its previous mean and gets weight 0
+(log-weight -inf, posterior exactly 0), and weights are normalised by the summed counts (which is
+what a cross-process reduction of the sums needs). Degenerate data (fewer distinct points than K,
+constant channels) gives duplicate or empty components, never NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from normlab.nn._utils import stat_dtype
+from normlab.nn.stats import reduce_sums, weighted_channel_sums
+
+__all__ = [
+    "GMMParams",
+    "PointSet",
+    "assign",
+    "e_step",
+    "fit_gmm",
+    "hard_m_step",
+    "kmeans",
+    "kmeans_init",
+    "kmeans_plus_plus",
+    "log_joint",
+    "m_step",
+    "num_seed_candidates",
+    "one_hot",
+    "split_em_iters",
+    "sq_distances",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class GMMParams(NamedTuple):
+    """Diagonal Gaussian mixture: ``weight`` λ (K,), ``mean`` μ (K, C), ``var`` σ² (K, C)."""
+
+    weight: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+def split_em_iters(em_iters: int) -> tuple[int, int]:
+    """Split the paper's "EM iter." (000 Sec. 4.2: the same number of k-means and EM iterations,
+    reported as their sum) into ``(kmeans_iters, em_iters)``. An odd total gives the extra
+    iteration to EM (it is EM that refines the likelihood; k-means only initialises it):
+    0 -> (0, 0), 1 -> (0, 1), 2 -> (1, 1), 3 -> (1, 2), 4 -> (2, 2)."""
+    if isinstance(em_iters, bool) or not isinstance(em_iters, int) or em_iters < 0:
+        raise ValueError(f"em_iters must be an integer >= 0, got {em_iters!r}")
+    km = em_iters // 2
+    return km, em_iters - km
+
+
+def num_seed_candidates(k: int) -> int:
+    """Candidates per greedy k-means++ step: ``2 + ⌊ln K⌋`` (000 Sec. 4.2; scikit-learn's rule)."""
+    return 2 + int(math.log(k))
+
+
+class PointSet:
+    """The points of a channel-first tensor, prepared once for many passes.
+
+    ``x`` ``(N, C)`` is N points; ``(N, C, *)`` is viewed (not copied) as ``(N, C, L)``: ``raw``.
+    The engine works in coordinates shifted by ``shift`` (C,) — by default the points' mean;
+    ``center=False`` uses 0 — which keeps every step equivariant but avoids cancellation where it
+    hurts: the cached squares ``sq = (x − shift)²`` (the one activation-sized tensor allocated here)
+    give variances and squared norms around the shift; dot products and first moments are taken on
+    ``raw`` and corrected by the shift (no cancellation of squares there). Every engine function
+    given a PointSet takes and returns means/centres in its shifted coordinates (:meth:`unshift`
+    maps parameters back); given a plain tensor, it works in the tensor's own coordinates.
+    Statistics use float32 for half-precision input.
+    """
+
+    def __init__(self, x: Tensor, shift: Tensor | None = None, center: bool = True) -> None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"PointSet: expected (N, C) or (N, C, *) points, got shape {tuple(x.shape)}"
+            )
+        dt = stat_dtype(x)
+        shape = x.shape
+        x = x.detach().to(dt)
+        x = x if x.dim() == 2 else x.reshape(x.shape[0], x.shape[1], -1)
+        if shift is None:
+            if center:  # the mean of all points (of every process inside a reduction scope)
+                n = x.shape[0] * (1 if x.dim() == 2 else x.shape[2])
+                count = x.new_full((), float(n))  # a fill kernel, not a host-to-device copy
+                count, s1 = reduce_sums(count, x.sum(0) if x.dim() == 2 else x.sum((0, 2)))
+                shift = s1 / count.clamp_min(1.0)
+            else:
+                shift = x.new_zeros(x.shape[1])
+        self._set(x, shift.detach().to(dt), shape)
+
+    def _set(self, raw: Tensor, shift: Tensor, shape: torch.Size) -> None:
+        self.shape = shape
+        self._flat = raw.dim() == 2
+        self.raw = raw
+        self.shift = shift
+        sq = raw - self._cv(shift)
+        self.sq: Tensor = sq.mul_(sq)
+        self._norms: Tensor | None = None
+        self.channels = raw.shape[1]
+        self.count = raw.shape[0] * (1 if self._flat else raw.shape[2])
+
+    @property
+    def norms(self) -> Tensor:
+        """Squared norms of the shifted points, ``(N, 1)`` / ``(N, 1, L)`` (computed once)."""
+        if self._norms is None:
+            self._norms = self.sq.sum(1, keepdim=True)
+        return self._norms
+
+    def subset(
+        self, fraction: float, minimum: int = 1, generator: torch.Generator | None = None
+    ) -> PointSet:
+        """A uniformly random subset (without replacement) of ``ceil(fraction · m)`` points (at
+        least ``minimum``, at most m) as a flat ``(n, C)`` point set with the same shift."""
+        n = min(self.count, max(minimum, math.ceil(fraction * self.count)))
+        idx = torch.randperm(self.count, device=self.device, generator=generator)[:n]
+        sub = PointSet.__new__(PointSet)
+        pts = self.points_at(idx) + self.shift
+        sub._set(pts, self.shift, pts.shape)
+        return sub
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.raw.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    def _cv(self, v: Tensor) -> Tensor:
+        return v if self._flat else v[..., None]
+
+    def project(self, coef: Tensor) -> Tensor:
+        """``coef`` (J, C) times every shifted point: ``(N, J)`` / ``(N, J, L)``."""
+        off = coef @ self.shift
+        if self._flat:
+            return (self.raw @ coef.t()).sub_(off)
+        return (coef @ self.raw).sub_(off[:, None])
+
+    def points_at(self, index: Tensor) -> Tensor:
+        """The shifted points with flat indices ``index`` (J,) as a (J, C) matrix."""
+        if self._flat:
+            return self.raw[index] - self.shift
+        length = self.raw.shape[2]
+        return self.raw[index // length, :, index % length] - self.shift
+
+    def sums(self, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Σ r_k, Σ r_k x, Σ r_k x² of the shifted points for responsibilities ``resp`` in the
+        points' layout (K in dim 1), via :func:`~normlab.nn.stats.weighted_channel_sums`."""
+        cnt, s1, s2 = weighted_channel_sums(self.raw, resp.to(self.dtype), self.sq)
+        return cnt, s1 - cnt[:, None] * self.shift, s2
+
+    def unshift(self, params: GMMParams) -> GMMParams:
+        return GMMParams(params.weight, params.mean + self.shift, params.var)
+
+    def as_points(self, t: Tensor) -> Tensor:
+        """A per-point tensor in this layout ((N, J) or (N, J, L)) back to ``(N, J, *)``."""
+        if t.dim() == 2:
+            return t
+        return t.reshape(self.shape[0], t.shape[1], *self.shape[2:])
+
+
+def _as_pointset(x: Tensor | PointSet, center: bool = False) -> PointSet:
+    """A tensor is used unshifted (results in its own coordinates) unless ``center``."""
+    if isinstance(x, PointSet):
+        return x
+    return PointSet(x, center=center)
+
+
+@torch.no_grad()
+def sq_distances(points: Tensor | PointSet, centers: Tensor) -> Tensor:
+    """Squared Euclidean distances ``||x - c_j||²`` of every point to centres (J, C), clamped at 0.
+    Shape ``(N, J)`` / ``(N, J, L)``."""
+    ps = _as_pointset(points)
+    c = centers.to(ps.dtype)
+    # ||x_s||² − 2 c·x_s + ||c||² with x_s = x − shift; the constant parts folded into one add
+    d = ps.raw @ (-2.0 * c).t() if ps._flat else (-2.0 * c) @ ps.raw
+    d.add_(ps._cv((c * c).sum(1) + 2.0 * (c @ ps.shift))).add_(ps.norms)
+    return d.clamp_min_(0.0)
+
+
+def _point_sum(t: Tensor) -> Tensor:
+    """Sum over points of a (N, J) / (N, J, L) tensor -> (J,)."""
+    return t.sum(0) if t.dim() == 2 else t.sum((0, 2))
+
+
+@torch.no_grad()
+def kmeans_plus_plus(
+    points: Tensor | PointSet,
+    k: int,
+    n_candidates: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Greedy k-means++ seeding. Returns ``(centers (K, C), indices (K,))`` (flat point indices).
+
+    The first centre is uniform over the points; each next one: draw ``n_candidates`` points
+    (default ``2 + ⌊ln K⌋``) with probability ∝ D(x)² (squared distance to the nearest chosen
+    centre), keep the candidate that most lowers Σ_x D(x)². ``n_candidates=1`` is plain k-means++.
+    If every point already coincides with a centre (fewer distinct points than K), candidates are
+    drawn uniformly. Sampling is inverse-CDF with ``torch.rand`` on the points' device, so it is
+    reproducible under ``torch.manual_seed`` and needs no host synchronisation.
+    """
+    ps = _as_pointset(points)
+    if k < 1:
+        raise ValueError(f"kmeans_plus_plus: k must be >= 1, got {k}")
+    n_cand = num_seed_candidates(k) if n_candidates is None else n_candidates
+    if n_cand < 1:
+        raise ValueError(f"kmeans_plus_plus: n_candidates must be >= 1, got {n_candidates}")
+    dev, dt, m = ps.device, ps.dtype, ps.count
+    if m < 1:
+        raise ValueError("kmeans_plus_plus: need at least one point")
+    first = torch.randint(0, m, (1,), device=dev, generator=generator)
+    indices = [first]
+    centers = [ps.points_at(first)]
+    d2 = sq_distances(ps, centers[0])  # (N, 1[, L]); .flatten() is in flat point order
+    for _ in range(1, k):
+        flat = d2.flatten()
+        total = flat.sum()
+        # all mass zero -> uniform draw (no Python branch on the tensor)
+        cdf = torch.cumsum(flat + (total <= 0).to(dt), 0)
+        u = torch.rand(n_cand, device=dev, dtype=dt, generator=generator).mul_(cdf[-1])
+        cand = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)
+        new_d2 = torch.minimum(sq_distances(ps, ps.points_at(cand)), d2)  # (N, J[, L])
+        best = _point_sum(new_d2).argmin()[None]
+        d2 = new_d2.index_select(1, best)
+        pick = cand.index_select(0, best)
+        indices.append(pick)
+        centers.append(ps.points_at(pick))
+    return torch.cat(centers, 0), torch.cat(indices, 0)
+
+
+def assign(points: Tensor | PointSet, centers: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Index of the nearest centre (K, C) for every point, ``(N,)`` / ``(N, L)``; components with
+    ``keep[k] = False`` are never chosen (at least one must be kept)."""
+    ps = _as_pointset(points)
+    with torch.no_grad():
+        d = sq_distances(ps, centers)
+        if keep is not None:
+            d = d.masked_fill(~ps._cv(keep), float("inf"))
+        return d.min(1).indices  # (faster than argmin over a short strided dim)
+
+
+def one_hot(labels: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Hard responsibilities in the points' layout: ``(N,)`` -> ``(N, K)``, ``(N, L)`` ->
+    ``(N, K, L)``."""
+    ar = torch.arange(k, device=labels.device)
+    if labels.dim() == 1:
+        return (labels[:, None] == ar).to(dtype)
+    return (labels[:, None, :] == ar[:, None]).to(dtype)
+
+
+@torch.no_grad()
+def kmeans_init(
+    points: Tensor | PointSet, centers: Tensor, iters: int, reg_covar: float
+) -> tuple[Tensor, Tensor, GMMParams]:
+    """``iters`` Lloyd iterations from ``centers`` (K, C), then the initial mixture.
+
+    Returns ``(centers, labels, params)``: ``labels`` (``(N,)`` / ``(N, L)``) is the assignment
+    that produced the returned centres (for ``iters = 0``: the assignment to the given centres) and
+    ``params`` its :func:`hard_m_step` (for ``iters >= 1`` its means are the returned centres).
+    An empty cluster keeps its centre and gets weight 0.
+    """
+    ps = _as_pointset(points)
+    k = centers.shape[0]
+    c = centers.to(ps.dtype)
+    labels = assign(ps, c)
+    params = hard_m_step(ps, labels, k, reg_covar, c)
+    for it in range(iters):
+        if it:
+            labels = assign(ps, c)
+            params = hard_m_step(ps, labels, k, reg_covar, c)
+        c = params.mean
+    return c, labels, params
+
+
+def kmeans(points: Tensor | PointSet, centers: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """``iters`` Lloyd iterations from ``centers`` (K, C): ``(centers, labels)``, see
+    :func:`kmeans_init`."""
+    c, labels, _ = kmeans_init(points, centers, iters, 0.0)
+    return c, labels
+
+
+def _params_from_sums(
+    cnt: Tensor, s1: Tensor, s2: Tensor, reg_covar: float, fallback_mean: Tensor
+) -> GMMParams:
+    has = cnt > 0
+    safe = cnt.clamp_min(torch.finfo(cnt.dtype).tiny)[:, None]
+    mean = torch.where(has[:, None], s1 / safe, fallback_mean.to(s1.dtype))
+    var = (s2 / safe - mean * mean).clamp_min(0.0)
+    var = torch.where(has[:, None], var, torch.ones_like(var)) + reg_covar
+    weight = cnt / cnt.sum()  # counts from the (possibly all-reduced) sums, not local shapes
+    return GMMParams(weight, mean, var)
+
+
+@torch.no_grad()
+def hard_m_step(
+    points: Tensor | PointSet, labels: Tensor, k: int, reg_covar: float, fallback_mean: Tensor
+) -> GMMParams:
+    """(λ, μ, σ²) of a hard assignment: cluster fractions, centroids, within-cluster variances
+    (+ ``reg_covar``). An empty cluster gets λ = 0, μ = ``fallback_mean[k]``, σ² = 1 + reg."""
+    ps = _as_pointset(points)
+    cnt, s1, s2 = ps.sums(one_hot(labels, k, ps.dtype))
+    return _params_from_sums(cnt, s1, s2, reg_covar, fallback_mean)
+
+
+@torch.no_grad()
+def m_step(
+    points: Tensor | PointSet, resp: Tensor, reg_covar: float, fallback_mean: Tensor
+) -> GMMParams:
+    """Maximum-likelihood (λ, μ, σ²) from responsibilities ``resp`` (points' layout, K in dim 1):
+    λ_k = Σ_i r_ik / m, μ_k = Σ_i r_ik x_i / Σ_i r_ik, σ²_k = Σ_i r_ik (x_i - μ_k)² / Σ_i r_ik +
+    reg_covar (computed from the sums, clamped at 0). Zero-weight components keep
+    ``fallback_mean``."""
+    ps = _as_pointset(points)
+    cnt, s1, s2 = ps.sums(resp)
+    return _params_from_sums(cnt, s1, s2, reg_covar, fallback_mean)
+
+
+@torch.no_grad()
+def log_joint(
+    points: Tensor | PointSet,
+    log_weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+) -> Tensor:
+    """``log λ_k + log N(x | μ_k, diag σ²_k)`` for every point and component, shape ``(N, K)`` /
+    ``(N, K, L)``; ``log_weight`` may hold -inf (masked or empty components). The Mahalanobis
+    term is computed by the expansion above and clamped at 0."""
+    ps = _as_pointset(points)
+    dt = ps.dtype
+    var = var.to(dt)
+    mean = mean.to(dt)
+    inv = 1.0 / var
+    # Σ_c (x_s − μ)²/σ² = (1/σ²)·x_s² − 2 (μ/σ²)·x_s + Σ μ²/σ², x_s = x − shift = raw − shift
+    lin = -2.0 * mean * inv
+    maha = ps.sq @ inv.t() if ps._flat else inv @ ps.sq
+    maha.add_(ps.raw @ lin.t() if ps._flat else lin @ ps.raw)
+    maha.add_(ps._cv((mean * mean * inv).sum(1) - lin @ ps.shift))
+    norm = log_weight.to(dt) - 0.5 * (ps.channels * _LOG_2PI + torch.log(var).sum(1))
+    return maha.clamp_min_(0.0).mul_(-0.5).add_(ps._cv(norm))
+
+
+@torch.no_grad()
+def e_step(
+    points: Tensor | PointSet, params: GMMParams, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Posteriors ν_ik = λ_k p_k(x_i) / Σ_j λ_j p_j(x_i) (000 Eq. 31) and the per-point
+    log-likelihood log p(x_i). Components with ``keep[k] = False`` (and components of weight 0)
+    get posterior exactly 0; the others are renormalised among themselves. At least one component
+    must be kept. Shapes ``(N, K[, L])`` and ``(N[, L])``."""
+    ps = _as_pointset(points)
+    logw = torch.log(params.weight.to(ps.dtype))
+    if keep is not None:
+        logw = logw.masked_fill(~keep, float("-inf"))
+    lj = log_joint(ps, logw, params.mean, params.var)
+    top = lj.max(1, keepdim=True).values  # finite: a kept component has finite log-density
+    resp = lj.sub_(top).exp_()  # log-sum-exp in place
+    total = resp.sum(1, keepdim=True)
+    return resp.div_(total), (top + torch.log(total)).squeeze(1)
+
+
+def fit_gmm(
+    points: Tensor | PointSet,
+    k: int,
+    kmeans_iters: int,
+    em_iters: int,
+    reg_covar: float = 1e-6,
+    n_candidates: int | None = None,
+    init_means: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> GMMParams:
+    """Fit a K-component diagonal GMM to the points of ``points`` (000 Sec. 3.2, 4.2).
+
+    k-means++ seeding (skipped if ``init_means`` (K, C), in the points' original coordinates, is
+    given) -> ``kmeans_iters`` Lloyd iterations -> the initial mixture from the final assignment
+    (:func:`hard_m_step`; with ``kmeans_iters = 0`` the assignment to the seeds) -> ``em_iters``
+    EM iterations (E-step then M-step, like scikit-learn's ``GaussianMixture``). Returns the
+    parameters in the points' original coordinates.
+    """
+    ps = _as_pointset(points, center=True)
+    if init_means is None:
+        centers, _ = kmeans_plus_plus(ps, k, n_candidates, generator)
+    else:
+        if init_means.shape != (k, ps.channels):
+            raise ValueError(
+                f"fit_gmm: init_means must have shape ({k}, {ps.channels}), got {tuple(init_means.shape)}"
+            )
+        centers = init_means.to(ps.dtype) - ps.shift
+    with torch.no_grad():
+        _, _, params = kmeans_init(ps, centers, kmeans_iters, reg_covar)
+        for _ in range(em_iters):
+            resp, _ = e_step(ps, params)
+            params = m_step(ps, resp, reg_covar, params.mean)
+    return ps.unshift(params)

@@ -1,0 +1,622 @@
+"""Tests for MixtureNorm (000 Sec. 3.2) and its functional core.
+
+Oracles: torch's F.batch_norm (K = 1), numpy implementations of Eq. 34–36 and Eq. 38–39 written
+from the paper, torch.autograd.gradcheck in float64, a plain-autograd reference of the closed-form
+backward, synthetic data with known modes, state_dict round trips, a fresh nn.BatchNorm2d.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import logsumexp
+from torch import nn
+
+import normlab
+from normlab.nn import mixture as mx
+from normlab.nn.gmm import GMMParams, e_step
+
+
+def _points(t: torch.Tensor) -> np.ndarray:
+    """(N, C, *) -> (m, C) numpy, the paper's point matrix."""
+    return t.detach().movedim(1, -1).reshape(-1, t.shape[1]).double().numpy()
+
+
+def _np_mixture_norm(x, nu, eps, gamma=None, beta=None, relu=False):
+    """Eq. 34–36 (and the per-component Eq. 40 reading) on point matrices, float64."""
+    c = x.shape[1]
+    gamma = np.ones(c) if gamma is None else gamma
+    beta = np.zeros(c) if beta is None else beta
+    lam = nu.mean(0)
+    nuh = nu / nu.sum(0, keepdims=True)
+    out = np.zeros_like(x)
+    for k in range(nu.shape[1]):
+        mu = nuh[:, k] @ x
+        var = nuh[:, k] @ (x - mu) ** 2
+        z = gamma * (x - mu) / np.sqrt(var + eps) / np.sqrt(lam[k]) + beta
+        out += nu[:, [k]] * (np.maximum(z, 0) if relu else z)
+    return out
+
+
+def _np_queue_inference(x, qw, qm, qv, valid, zeta, eps, gamma, beta, literal):
+    """Eq. 38–39 on a point matrix: T·K components, prior τ^t λ_k^t, densities N(μ, σ² + ε)."""
+    t_len, k = qw.shape
+    idx = [t for t in range(t_len) if valid[t]]
+    tau = np.array([zeta ** (t_len - 1 - t) for t in idx])
+    tau = tau / tau.sum()
+    comps = [(tau[i], t, j) for i, t in enumerate(idx) for j in range(k) if qw[t, j] > 0]
+    logp = np.stack(
+        [
+            np.log(ta * qw[t, j])
+            - 0.5 * np.sum(np.log(2 * np.pi * (qv[t, j] + eps)))
+            - 0.5 * np.sum((x - qm[t, j]) ** 2 / (qv[t, j] + eps), 1)
+            for ta, t, j in comps
+        ],
+        1,
+    )
+    post = np.exp(logp - logsumexp(logp, 1, keepdims=True))
+    out = np.zeros_like(x)
+    for i, (ta, t, j) in enumerate(comps):
+        s = ta * qw[t, j] if literal else qw[t, j]
+        out += post[:, [i]] * (x - qm[t, j]) / np.sqrt(qv[t, j] + eps) / np.sqrt(s)
+    return gamma * out + beta
+
+
+def _modes(n_per=(600, 300, 100), c=4, seed=0, dtype=torch.float32):
+    """Points of 3 well-separated Gaussian modes as an (N, C) tensor, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0] * c, [12.0] * c, [-12.0, 12.0] * (c // 2)], dtype=dtype)
+    scales = torch.tensor([1.0, 0.5, 2.0], dtype=dtype)
+    xs, labels = [], []
+    for i, n in enumerate(n_per):
+        spread = scales[i] * torch.linspace(0.5, 1.5, c, dtype=dtype)
+        xs.append(centres[i] + spread * torch.randn(n, c, generator=g, dtype=dtype))
+        labels.append(torch.full((n,), i))
+    return torch.cat(xs), torch.cat(labels)
+
+
+# --- K = 1 is batch normalization -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (4, 5, 3, 6), (3, 5, 7)])
+def test_k1_reproduces_batch_norm_forward_and_backward(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3 + 2).requires_grad_()
+    m = normlab.MixtureNorm(5, k=1)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(5))
+        m.bias.copy_(torch.randn(5))
+    y = m(x)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = m.weight.detach().clone().requires_grad_()
+    b2 = m.bias.detach().clone().requires_grad_()
+    ref = F.batch_norm(x2, None, None, w2, b2, training=True, eps=1e-5)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.weight.grad, w2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.bias.grad, b2.grad, atol=1e-4, rtol=1e-4)
+    assert int(m.last_num_components) == 1
+    torch.testing.assert_close(m.last_weight, torch.ones(1))
+
+
+# --- the transform (Eq. 34-36) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_mixture_norm_matches_numpy_eq_34_36(relu: bool) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 5, 2, dtype=torch.float64) * 2 + 1
+    nu = torch.softmax(torch.randn(4, 4, 5, 2, dtype=torch.float64) * 3, 1)
+    gamma = torch.randn(3, dtype=torch.float64)
+    beta = torch.randn(3, dtype=torch.float64)
+    act = "relu" if relu else None
+    y, st = mx.mixture_norm(x, nu, gamma, beta, eps=1e-3, activation=act, return_stats=True)
+    ref = _np_mixture_norm(_points(x), _points(nu), 1e-3, gamma.numpy(), beta.numpy(), relu=relu)
+    np.testing.assert_allclose(_points(y), ref, atol=1e-10)
+    np.testing.assert_allclose(st.weight.numpy(), _points(nu).mean(0), atol=1e-12)
+
+
+def test_fused_relu_is_eq_40_at_identity_affine_and_relu_of_mn_for_hard_posteriors() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    nu = torch.softmax(torch.randn(64, 3, dtype=torch.float64), 1)
+    # Eq. 40 literally: Σ_k ν_k/√λ_k · ReLU(x̂ᵏ)
+    lam = nu.mean(0)
+    nuh = nu / nu.sum(0)
+    eq40 = torch.zeros_like(x)
+    for k in range(3):
+        mu = nuh[:, k] @ x
+        var = nuh[:, k] @ (x - mu) ** 2
+        eq40 += nu[:, k : k + 1] / lam[k].sqrt() * torch.relu((x - mu) / (var + 1e-5).sqrt())
+    torch.testing.assert_close(mx.mixture_norm(x, nu, activation="relu"), eq40)
+    # one-hot posteriors: fused == ReLU(unfused), with a non-trivial affine
+    hard = F.one_hot(torch.arange(64) % 3, 3).double()
+    g, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    fused = mx.mixture_norm(x, hard, g, b, activation="relu")
+    torch.testing.assert_close(fused, torch.relu(mx.mixture_norm(x, hard, g, b)))
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 3, 2, 3)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradcheck_with_posteriors_fixed(shape: tuple[int, ...], activation: str | None) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    nu_shape = (shape[0], 4, *shape[2:])
+    nu = torch.softmax(torch.randn(*nu_shape, dtype=torch.float64) * 2, 1)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return mx.mixture_norm(x, nu, w, b, eps=1e-3, activation=activation)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_closed_form_backward_equals_autograd_reference() -> None:
+    """The custom Function (no activation) against the plain-autograd path, float64."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 5, 4, 4, dtype=torch.float64) * 2 + 3
+    nu = torch.softmax(torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2, 1)
+    w = torch.randn(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    g = torch.randn_like(x)
+    outs = []
+    for use_fn in (True, False):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        xl = mx._layout(xi)
+        if use_fn:
+            y = mx.mixture_norm(xi, nu, wi, bi)
+        else:
+            y, _ = mx._normalize_autograd(
+                xl, mx._layout(nu), wi, bi, 1e-5, None, xl.detach().mean((0, 2))
+            )
+            y = y.reshape(x.shape)
+        y.backward(g)
+        outs.append((y.detach(), xi.grad, wi.grad, bi.grad))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
+
+
+def test_no_gradient_through_posteriors() -> None:
+    x = torch.randn(20, 3, dtype=torch.float64)
+    nu = torch.softmax(torch.randn(20, 2, dtype=torch.float64), 1).requires_grad_()
+    y = mx.mixture_norm(x, nu)
+    assert not y.requires_grad
+
+
+# --- the layer in training --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-6), (torch.float32, 3e-3)])
+def test_well_separated_modes_are_each_standardized(dtype: torch.dtype, tol: float) -> None:
+    """With one-hot posteriors Eq. 34 gives x̂ = (x − μ_k)/(√λ_k √(σ²_k + ε)) on mode k, μ_k and
+    σ²_k the mode's own sample statistics: so √λ_k · x̂ has exactly mean 0 and variance
+    σ²/(σ² + ε) per channel on each mode (posteriors of modes ≥ 8σ apart in 4-D are one-hot to
+    float precision). In float32 the variances come from one-pass sums around the batch mean,
+    accurate to ~1e-7·((μ_k − mean)/σ_k)²."""
+    x, labels = _modes(dtype=dtype)
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(4, k=3, affine=False).to(dtype)
+    y = m(x)
+    assert y.dtype == dtype
+    lam_true = torch.bincount(labels).to(dtype) / len(labels)
+    torch.testing.assert_close(
+        m.last_weight.sort().values, lam_true.sort().values, atol=tol, rtol=0
+    )
+    assert int(m.last_num_components) == 3
+    for i in range(3):
+        z = y[labels == i] * lam_true[i].sqrt()
+        var = x[labels == i].var(0, unbiased=False)
+        torch.testing.assert_close(z.mean(0), torch.zeros(4, dtype=dtype), atol=tol, rtol=0)
+        torch.testing.assert_close(z.var(0, unbiased=False), var / (var + 1e-5), atol=tol, rtol=0)
+    # so the output variance is Σ_k λ_k · (1/λ_k) ≈ K, as DESIGN.md notes
+    assert abs(y.var(0, unbiased=False).mean().item() - 3.0) < 0.01
+
+
+def test_modes_in_4d_layout_and_sample_fraction() -> None:
+    x2, labels = _modes(n_per=(512, 256, 256))
+    x4 = x2.reshape(16, 64, 4).permute(0, 2, 1).reshape(16, 4, 8, 8)  # same points, 4-D
+    for frac in (1.0, 0.25):
+        torch.manual_seed(0)
+        m = normlab.MixtureNorm(4, k=3, affine=False, sample_fraction=frac)
+        y4 = m(x4)
+        y2 = y4.reshape(16, 4, 64).permute(0, 2, 1).reshape(-1, 4)
+        for i in range(3):
+            z = y2[labels == i] * math.sqrt((labels == i).float().mean())
+            torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+            assert torch.allclose(z.var(0, unbiased=False), torch.ones(4), atol=1e-3)
+
+
+def test_posteriors_of_the_layer_and_em_iters_variants() -> None:
+    x, labels = _modes()
+    for em_iters in (0, 1, 2, 3, 5):
+        torch.manual_seed(0)
+        nu, keep = mx.mixture_posteriors(x, k=3, em_iters=em_iters)
+        assert nu.shape == (len(x), 3) and keep.all()
+        torch.testing.assert_close(nu.sum(1), torch.ones(len(x)))
+        # every mode lands in one component
+        for i in range(3):
+            assert nu[labels == i].mean(0).max() > 0.999
+        if em_iters == 0:  # hard k-means posteriors
+            assert torch.all((nu == 0) | (nu == 1))
+
+
+def test_pruning_removes_light_component_and_renormalises() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.randn(1000, 2, generator=g),
+            torch.randn(1000, 2, generator=g) + 20.0,
+            torch.randn(5, 2, generator=g) - 200.0,  # λ ≈ 0.0025 < 0.01; far, so seeded
+        ]
+    )
+    torch.manual_seed(0)
+    nu, keep = mx.mixture_posteriors(x, k=3, em_iters=2, min_weight=0.01)
+    assert keep.sum() == 2
+    assert torch.all(nu[:, ~keep] == 0)
+    torch.testing.assert_close(nu.sum(1), torch.ones(len(x)))
+    assert torch.isfinite(nu).all()
+    # without pruning the light component survives
+    torch.manual_seed(0)
+    nu0, keep0 = mx.mixture_posteriors(x, k=3, em_iters=2, min_weight=0.0)
+    assert keep0.all() and nu0[-5:].max(1).values.min() > 0.99
+    # the layer reports it, and its output stays finite
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(2, k=3)
+    y = m(x)
+    assert int(m.last_num_components) == 2 and torch.isfinite(y).all()
+    assert (m.last_weight == 0).sum() == 1
+
+
+def test_queue_and_diagnostics_after_training_steps() -> None:
+    m = normlab.MixtureNorm(3, k=2, queue_size=3)
+    assert not m.queue_valid.any() and int(m.num_batches_tracked) == 0
+    for step in range(1, 5):
+        x = torch.randn(10, 3, 4) + step
+        m(x)
+        assert int(m.num_batches_tracked) == step
+        assert int(m.queue_valid.sum()) == min(step, 3)
+        torch.testing.assert_close(m.queue_weight[-1], m.last_weight)
+        torch.testing.assert_close(m.queue_mean[-1], m.last_mean)
+        torch.testing.assert_close(m.queue_var[-1], m.last_var)
+        torch.testing.assert_close(m.last_weight.sum(), torch.tensor(1.0))
+        # overall mean of the fit is the batch mean
+        torch.testing.assert_close(m.last_weight @ m.last_mean, x.mean((0, 2)), atol=1e-4, rtol=0)
+    assert m.queue_valid.all()
+    assert not m.last_weight.requires_grad and not m.queue_mean.requires_grad
+
+
+def test_channels_last_and_non_contiguous_input() -> None:
+    x = torch.randn(4, 6, 5, 5)
+    outs = []
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        t = t.clone().requires_grad_()
+        torch.manual_seed(0)
+        y = normlab.MixtureNorm(6)(t)
+        y.backward(torch.ones_like(y) + torch.linspace(0, 1, 25).view(1, 1, 5, 5))
+        outs.append((y.detach(), t.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_under_manual_seed() -> None:
+    x = torch.randn(8, 6, 5, 5)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        m = normlab.MixtureNorm(6, k=4)
+        outs.append(m(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+# --- inference (Eq. 38-39) --------------------------------------------------------------------
+
+
+def _hand_queue(t=4, k=3, c=3, valid=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qw = torch.rand(t, k, generator=g) + 0.1
+    if t > 1:
+        qw[1, 2] = 0.0  # a pruned component
+    qw = qw / qw.sum(1, keepdim=True)
+    qm = torch.randn(t, k, c, generator=g) * 2
+    qv = torch.rand(t, k, c, generator=g) + 0.3
+    valid = torch.ones(t, dtype=torch.bool) if valid is None else torch.tensor(valid)
+    return qw, qm, qv, valid
+
+
+def _load_queue(m: mx.MixtureNorm, qw, qm, qv, valid) -> None:
+    with torch.no_grad():
+        m.queue_weight.copy_(qw)
+        m.queue_mean.copy_(qm)
+        m.queue_var.copy_(qv)
+        m.queue_valid.copy_(valid)
+
+
+@pytest.mark.parametrize("reading", ["consistent", "literal"])
+@pytest.mark.parametrize("valid", [None, [False, True, False, True]])
+def test_inference_matches_numpy_eq_38(reading: str, valid: list[bool] | None) -> None:
+    qw, qm, qv, vmask = _hand_queue(valid=valid)
+    m = normlab.MixtureNorm(3, k=3, queue_size=4, queue_decay=0.8, inference=reading, eps=1e-3)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        m.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    _load_queue(m, qw, qm, qv, vmask)
+    m.eval()
+    x = torch.randn(5, 3, 4, 2) * 2
+    y = m(x)
+    ref = _np_queue_inference(
+        _points(x),
+        qw.double().numpy(),
+        qm.double().numpy(),
+        qv.double().numpy(),
+        vmask.numpy(),
+        0.8,
+        1e-3,
+        m.weight.detach().double().numpy(),
+        m.bias.detach().double().numpy(),
+        literal=reading == "literal",
+    )
+    np.testing.assert_allclose(_points(y), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_decay_weights_eq_39() -> None:
+    t, z = 10, 0.9
+    tau = mx.queue_decay_weights(torch.ones(t, dtype=torch.bool), z, torch.float64)
+    ref = [(1 - z) / (1 - z**t) * z ** (t - i - 1) for i in range(t)]
+    np.testing.assert_allclose(tau.numpy(), ref, rtol=1e-12)
+    part = mx.queue_decay_weights(torch.tensor([False] * 7 + [True] * 3), z, torch.float64)
+    np.testing.assert_allclose(part[-3:].numpy(), np.array([z**2, z, 1]) / (1 + z + z**2))
+    assert torch.all(part[:7] == 0)
+
+
+def test_identical_queued_fits_reproduce_the_training_transform() -> None:
+    """Consistent reading: a queue of T copies of one fit = that fit's Eq. 34 transform (with ν its
+    posteriors); the literal reading multiplies the normalized part by Σ_t √τ^t."""
+    qw, qm, qv, _ = _hand_queue(t=1)
+    t = 10
+    x = torch.randn(6, 3, 5)
+    out = {}
+    for reading in ("consistent", "literal"):
+        m = normlab.MixtureNorm(3, k=3, queue_size=t, inference=reading)
+        with torch.no_grad():
+            m.bias.fill_(0.7)
+        _load_queue(
+            m,
+            qw.expand(t, -1),
+            qm.expand(t, -1, -1),
+            qv.expand(t, -1, -1),
+            torch.ones(t, dtype=torch.bool),
+        )
+        out[reading] = m.eval()(x)
+    params = GMMParams(qw[0], qm[0], qv[0] + 1e-5)
+    nu, _ = e_step(x, params)
+    single = mx.mixture_transform(x, nu, (qw[0], qm[0], qv[0]), bias=torch.full((3,), 0.7))
+    torch.testing.assert_close(out["consistent"], single, atol=1e-5, rtol=1e-5)
+    tau = mx.queue_decay_weights(torch.ones(t, dtype=torch.bool), 0.9)
+    factor = tau.sqrt().sum().item()
+    assert abs(factor - 3.13) < 0.01
+    torch.testing.assert_close(out["literal"] - 0.7, factor * (single - 0.7), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(32, 3), (4, 3, 6, 5)])
+def test_k1_eval_after_repeated_steps_equals_training_output(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape) * 2 + 1
+    m = normlab.MixtureNorm(3, k=1, queue_size=10)
+    with torch.no_grad():
+        m.bias.fill_(0.3)
+    for _ in range(4):  # fewer than T fits: τ renormalised over those present
+        y_train = m(x)
+    y_eval = m.eval()(x)
+    torch.testing.assert_close(y_eval, y_train, atol=1e-4, rtol=1e-4)
+    m.inference = "literal"
+    tau = mx.queue_decay_weights(m.queue_valid, 0.9)
+    factor = tau.sqrt().sum().item()
+    torch.testing.assert_close(m(x) - 0.3, factor * (y_train - 0.3), atol=1e-4, rtol=1e-4)
+
+
+def test_modes_eval_after_training_close_to_training_output() -> None:
+    x, _ = _modes()
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(4, k=3, queue_size=5)
+    for _ in range(5):
+        y_train = m(x)
+    y_eval = m.eval()(x)
+    torch.testing.assert_close(y_eval, y_train, atol=1e-3, rtol=1e-3)
+
+
+def test_state_dict_round_trip_gives_identical_eval_outputs() -> None:
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(4, k=3, queue_size=4)
+    for _ in range(3):
+        m(torch.randn(8, 4, 3, 3))
+    with torch.no_grad():
+        m.weight.mul_(1.5)
+    sd = m.state_dict()
+    for key in ("queue_weight", "queue_mean", "queue_var", "queue_valid", "last_weight"):
+        assert key in sd
+    m2 = normlab.MixtureNorm(4, k=3, queue_size=4)
+    m2.load_state_dict(sd)
+    x = torch.randn(5, 4, 3, 3)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
+    assert int(m2.last_num_components) == int(m.last_num_components)
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (3, 4, 5, 5)])
+def test_fresh_module_eval_equals_fresh_batchnorm_eval(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape) * 3 + 1
+    m = normlab.MixtureNorm(4).eval()
+    bn = nn.BatchNorm1d(4).eval() if len(shape) == 2 else nn.BatchNorm2d(4).eval()
+    torch.testing.assert_close(m(x), bn(x))
+    with torch.no_grad():
+        for p, q in ((m.weight, bn.weight), (m.bias, bn.bias)):
+            p.copy_(torch.randn(4))
+            q.copy_(p)
+    torch.testing.assert_close(m(x), bn(x))
+
+
+def test_eval_with_activation_and_gradients() -> None:
+    m = normlab.MixtureNorm(3, k=2, activation="relu")
+    m(torch.randn(16, 3))
+    m.eval()
+    x = torch.randn(9, 3, requires_grad=True)
+    y = m(x)
+    assert (y >= 0).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+
+
+def test_reset_running_stats_empties_queue() -> None:
+    m = normlab.MixtureNorm(3)
+    m(torch.randn(10, 3))
+    m.reset_running_stats()
+    assert not m.queue_valid.any() and int(m.num_batches_tracked) == 0
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(m.eval()(x), nn.BatchNorm1d(3).eval()(x))
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.full((8, 4, 3, 3), 2.5),  # constant input
+        lambda: torch.zeros(2, 4),  # two identical points, K = 3
+        lambda: torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]]),  # 2 points < K
+        lambda: torch.randn(1, 4),  # a single point
+        lambda: torch.cat([torch.randn(6, 3, 4), torch.full((6, 1, 4), 7.0)], 1),  # const channel
+        lambda: torch.randn(16, 4) * 1e-4 + 1e4,  # huge offset, tiny spread
+        lambda: torch.randn(16, 4) * 1e4,  # large values
+    ],
+)
+@pytest.mark.parametrize("k", [3, 5])
+def test_degenerate_batches_stay_finite(make, k: int) -> None:
+    torch.manual_seed(0)
+    x = make().requires_grad_()
+    for act in (None, "relu"):
+        m = normlab.MixtureNorm(4, k=k, activation=act)
+        y = m(x)
+        assert torch.isfinite(y).all()
+        y.square().sum().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+        x.grad = None
+        for buf in (m.last_weight, m.last_mean, m.last_var):
+            assert torch.isfinite(buf).all()
+        assert torch.isfinite(m.eval()(x)).all()
+
+
+def test_constant_input_maps_to_bias() -> None:
+    m = normlab.MixtureNorm(4, k=3)
+    with torch.no_grad():
+        m.bias.copy_(torch.arange(4.0))
+    y = m(torch.full((8, 4, 2, 2), -3.0))
+    torch.testing.assert_close(y, torch.arange(4.0).view(1, 4, 1, 1).expand_as(y))
+
+
+@pytest.mark.parametrize("shape", [(4096, 3), (16, 3, 16, 16)])
+def test_offset_data_normalizes_as_accurately_as_batch_norm(shape: tuple[int, ...]) -> None:
+    """A large common offset must not cancel the variance: statistics are taken around the batch
+    mean, so the float32 error stays at the level of F.batch_norm's (one-pass sums of x² would
+    lose the variance entirely at offset 3000 in float32)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    ref = F.batch_norm(x.double(), None, None, training=True, eps=1e-5)
+    for offset in (300.0, 3000.0):
+        bn_err = (F.batch_norm(x + offset, None, None, training=True) - ref).abs().max()
+        mn_err = (normlab.MixtureNorm(3, k=1)(x + offset) - ref).abs().max()
+        assert mn_err <= 3 * bn_err + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input_and_autocast(dtype: torch.dtype) -> None:
+    x = torch.randn(8, 4, 3, 3).to(dtype).requires_grad_()
+    m = normlab.MixtureNorm(4)
+    y = m(x)
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype
+    assert m.last_mean.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = m(torch.randn(8, 4, 3, 3))
+    assert y2.dtype == torch.float32 and m.last_var.dtype == torch.float32
+
+
+# --- configuration, registry ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k must be"),
+        ({"k": 2.5}, "k must be"),
+        ({"em_iters": -1}, "em_iters"),
+        ({"sample_fraction": 0.0}, "sample_fraction"),
+        ({"sample_fraction": 1.5}, "sample_fraction"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"queue_decay": 1.5}, "queue_decay"),
+        ({"min_weight": 1.0}, "min_weight"),
+        ({"min_weight": -0.1}, "min_weight"),
+        ({"eps": 0.0}, "eps"),
+        ({"activation": "tanh"}, "activation"),
+        ({"inference": "average"}, "inference"),
+        ({"affine": "yes"}, "affine"),
+    ],
+)
+def test_bad_configuration_raises(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        normlab.MixtureNorm(4, **kwargs)
+
+
+def test_bad_input_raises() -> None:
+    m = normlab.MixtureNorm(4)
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(8, 3, 2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.randn(8))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.randn(0, 4))
+    with pytest.raises(ValueError, match="nu must"):
+        mx.mixture_norm(torch.randn(8, 4, 2), torch.rand(8, 2, 3))
+    with pytest.raises(ValueError, match="sample_fraction"):
+        mx.mixture_posteriors(torch.randn(8, 4), sample_fraction=0.0)
+    with pytest.raises(ValueError, match="k must"):
+        mx.mixture_posteriors(torch.randn(8, 4), k=0)
+
+
+@pytest.mark.parametrize(
+    "spec", ["mixture", "mixture(k=5, em_iters=2)", "mixture(activation=relu)"]
+)
+@pytest.mark.parametrize("shape", [(16, 6), (4, 6, 5, 5)])
+def test_registry_specs_build_and_run(spec: str, shape: tuple[int, ...]) -> None:
+    m = normlab.make_norm(spec, 6)
+    assert isinstance(m, normlab.MixtureNorm)
+    x = torch.randn(*shape, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert m.weight.grad is not None and m.bias.grad is not None
+    assert m.eval()(x).shape == x.shape
+    if "k=5" in spec:
+        assert m.k == 5 and m.queue_mean.shape == (10, 5, 6)
+    if "relu" in spec:
+        assert m.activation == "relu"
+    assert "k=" in repr(m)
+
+
+def test_spec_with_all_options() -> None:
+    m = normlab.make_norm(
+        "mixture(k=2, em_iters=3, sample_fraction=0.5, min_weight=0.05, inference=literal, "
+        "queue_size=4, queue_decay=0.5, affine=false)",
+        3,
+    )
+    assert m.inference == "literal" and m.weight is None and m.queue_size == 4
+    y = m(torch.randn(20, 3))
+    assert torch.isfinite(y).all()
