@@ -17,6 +17,8 @@ so "divide only" gives unit variance without centering — each flag does exactl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,93 +68,67 @@ class _WSMixin:
         return f", eps={self.eps}, center={self.center}, scale={self.scale}"
 
 
-class WSConv2d(_WSMixin, nn.Conv2d):
-    """``nn.Conv2d`` with Weight Standardization; same arguments plus ``eps``, ``center``, ``scale``.
+class _WSConvNd(_WSMixin):
+    """Shared constructor/forward of the weight-standardized convolutions (the torch conv class
+    comes next in the MRO)."""
+
+    _conv_forward: Callable[..., Tensor]
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        eps: float = 1e-5,
+        center: bool = True,
+        scale: bool = True,
+    ) -> None:
+        _check_ws_args(eps, center, scale, type(self).__name__)
+        super().__init__(  # type: ignore[call-arg]
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.eps, self.center, self.scale = float(eps), center, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._ws_repr()  # type: ignore[misc]
+
+
+class WSConv2d(_WSConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization: same arguments plus ``eps``, ``center``,
+    ``scale``.
 
     Shape: as ``nn.Conv2d``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | str | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        eps: float = 1e-5,
-        center: bool = True,
-        scale: bool = True,
-    ) -> None:
-        _check_ws_args(eps, center, scale, "WSConv2d")
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self.eps, self.center, self.scale = float(eps), center, scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+class WSConv1d(_WSConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with Weight Standardization: same arguments plus ``eps``, ``center``,
+    ``scale``.
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._ws_repr()
-
-
-class WSConv1d(_WSMixin, nn.Conv1d):
-    """``nn.Conv1d`` with Weight Standardization; same arguments plus ``eps``, ``center``, ``scale``."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int],
-        stride: int | tuple[int] = 1,
-        padding: int | str | tuple[int] = 0,
-        dilation: int | tuple[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        eps: float = 1e-5,
-        center: bool = True,
-        scale: bool = True,
-    ) -> None:
-        _check_ws_args(eps, center, scale, "WSConv1d")
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self.eps, self.center, self.scale = float(eps), center, scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._ws_repr()
+    Shape: as ``nn.Conv1d``.
+    """
 
 
 class WSLinear(_WSMixin, nn.Linear):
