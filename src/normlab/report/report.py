@@ -1,0 +1,511 @@
+"""``normlab report RUN_DIR``: a Markdown report of a suite run with the paper's numbers beside ours.
+
+:func:`write_report` reads a directory made by :func:`normlab.experiments.run_experiment` and
+writes ``report.md``, its PNG figures and ``results.json`` (the aggregated numbers of every table
+and claim, for scripts) into ``out`` (default: the run directory). The report has:
+
+1. a header: the experiment, the paper and the table/figure it reproduces, the scale, seeds,
+   software versions, device and run time;
+2. the protocol actually run (dataset, model, optimizer, schedule, length, batch size — read back
+   from the runs' ``config.toml``), what each variant changes, and the experiment's notes on the
+   readings and on how the scale differs from the paper;
+3. the paper-format tables: for every column, ours (mean ± std over seeds) and the paper's number;
+4. the paper's claims, each checked on our numbers (✓ holds, ✗ does not, ? not checkable);
+5. the figures (error curves with ±1 std shading, losses, StatDiff, GMM fits, percentiles, or the
+   analysis runner's own figures);
+6. ``discussion.md`` from the output directory, verbatim, if present (a hand-written reading of
+   the results that survives regeneration).
+
+A small-scale run is a different dataset and length than the paper's, so its absolute numbers are
+not comparable with the paper's; the *direction* of each difference (and relative measures such as
+the reduction in steps) is what the claims check.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from normlab.experiments import _match, _runner
+from normlab.report.metrics import (
+    SuiteData,
+    aggregate,
+    evaluate_claims,
+    format_agg,
+    format_value,
+    load_suite_data,
+    metric_values,
+)
+
+__all__ = ["markdown_table", "write_report"]
+
+MARK = {True: "✓", False: "✗", None: "?"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table ('|' in cells escaped)."""
+
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in header) + "|")
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(path, base).replace(os.sep, "/")
+    except ValueError:  # different drives
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# header and protocol
+
+
+def _header(data: SuiteData) -> list[str]:
+    import torch
+
+    import normlab
+
+    exp, suite = data.experiment, data.suite
+    env: dict[str, Any] = {}
+    for runs in data.runs.values():
+        p = runs[0].path / "env.json"
+        if p.is_file():
+            env = json.loads(p.read_text(encoding="utf-8"))
+            break
+    n_runs = sum(len(r) for r in data.runs.values())
+    finished = sum(1 for rs in data.runs.values() for r in rs if r.finished)
+    lines = [
+        f"# {exp.title}",
+        "",
+        f"Reproduces **{exp.cite}**"
+        + (f" (paper text `{exp.source}`)" if exp.source else "")
+        + f". Experiment `{exp.name}`, scale **{suite.get('scale')}**, "
+        f"{suite.get('seeds')} seed(s), {finished}/{n_runs} runs finished.",
+        "",
+        f"Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} by normlab "
+        f"{normlab.__version__} (torch {env.get('torch', torch.__version__)}, python "
+        f"{env.get('python', platform.python_version())}) on {env.get('device', suite.get('device') or 'cpu')}"
+        + (f" ({env.get('device_name')})" if env.get("device_name") else "")
+        + (f"; {cpu:.0f} s of training/analysis in all runs" if (cpu := _run_time(data)) else "")
+        + ".",
+        "",
+    ]
+    if suite.get("experiment_changed"):
+        lines += [
+            f"*The experiment file changed after these runs; tables, claims and notes are read from "
+            f"the current `{exp.path.name}`, the runs' configurations from their `config.toml`.*",
+            "",
+        ]
+    if exp.description:
+        lines += [exp.description, ""]
+    return lines
+
+
+def _run_time(data: SuiteData) -> float:
+    """Sum over runs of the training time (summary.json) or the analysis time (result.json)."""
+    total = 0.0
+    for rs in data.runs.values():
+        for r in rs:
+            total += float(r.summary.get("train_time") or r.result.get("time") or 0.0)
+    return total
+
+
+def _protocol(data: SuiteData) -> list[str]:
+    from normlab.train.config import config_from_dict, diff_configs
+
+    exp, scale = data.experiment, data.suite.get("scale", "full")
+    lines = ["## Protocol", ""]
+    first = next((rs[0] for rs in data.runs.values() if rs and rs[0].config), None)
+    if exp.kind == "train" and first is not None:
+        c = first.config
+        d, m, o, s, t = c["data"], c["model"], c["optim"], c["schedule"], c["train"]
+        length = f"{t['steps']} steps" if t.get("steps") else f"{t['epochs']} epochs"
+        opt = f"{o['name']} lr {o['lr']:g}"
+        if o["name"] in ("sgd", "rmsprop"):
+            opt += f", momentum {o['momentum']:g}" + (" (Nesterov)" if o.get("nesterov") else "")
+        opt += f", weight decay {o['weight_decay']:g}"
+        sched = s["name"]
+        if s["name"] == "exp":
+            sched += f" (×{s['gamma']:g} every {s['every_epochs']:g} epochs)"
+        elif s["name"] == "step":
+            sched += f" (×{s['gamma']:g} at {s['milestones']} {s['milestone_unit']})"
+        kw = f" {m['kwargs']}" if m.get("kwargs") else ""
+        lines += [
+            f"- data: `{d['name']}`"
+            + (f" {d['kwargs']}" if d.get("kwargs") else "")
+            + (" with pad-and-crop/flip augmentation" if d.get("augment") else ", no augmentation"),
+            f"- model: `{m['name']}`{kw}, conv `{m['conv']}`",
+            f"- optimizer: {opt}; schedule: {sched}",
+            f"- length: {length}, batch size {t['batch_size']}"
+            + (f" × {t['accum_steps']} accumulated" if t.get("accum_steps", 1) > 1 else "")
+            + (
+                f", evaluated every {t['eval_every_steps']} steps"
+                if t.get("eval_every_steps")
+                else ", evaluated every epoch"
+            ),
+            "",
+        ]
+        base = config_from_dict(first.config)
+        rows = []
+        for v in data.variants:
+            r = data.runs[v.name][0]
+            if not r.config:
+                continue
+            diffs = diff_configs(base, config_from_dict(r.config))
+            changed = {k: b for k, (_, b) in diffs.items() if not k.startswith("run.")}
+            own = "; ".join(f"{k} = {_short(b)}" for k, b in changed.items()) or "(reference)"
+            rows.append(
+                [
+                    v.name,
+                    v.label,
+                    v.group,
+                    v.setting,
+                    f"norm `{_short(r.config['model']['norm'])}`",
+                    own,
+                ]
+            )
+        lines += [
+            f"Variants (what differs from `{first.variant.name}`):",
+            "",
+            markdown_table(["variant", "label", "group", "setting", "norm", "differs"], rows),
+            "",
+        ]
+    elif exp.kind == "analysis":
+        params = {}
+        for rs in data.runs.values():
+            p = rs[0].path / "params.json"
+            if p.is_file():
+                params = json.loads(p.read_text(encoding="utf-8"))
+                break
+        own = {k for v in exp.variants for k in v.params} | {"variant", "sweeps", "runner"}
+        shown = {k: v for k, v in params.items() if k not in own and not isinstance(v, dict)}
+        lines += [
+            f"- runner `{params.get('runner', exp.analysis.get('runner'))}`: "
+            + ", ".join(f"{k} = {_short(v)}" for k, v in shown.items() if k != "runner"),
+            "",
+        ]
+    notes = exp.notes + (exp.scale(scale).notes if scale != "full" else [])
+    if notes:
+        lines += ["Notes (readings of the paper, and how this scale differs from it):", ""]
+        lines += [f"- {n}" for n in notes]
+        lines.append("")
+    disabled = [v for v in exp.variants if v.disabled]
+    if disabled:
+        lines += ["Variants in the paper's table that are **not run**:", ""]
+        lines += [f"- `{v.name}` ({v.label}): {v.disabled}" for v in disabled]
+        lines.append("")
+    return lines
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# training experiments: tables, claims, plots
+
+
+def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
+    exp = data.experiment
+    lines: list[str] = []
+    names = [v.name for v in exp.variants]
+    n_seeds = data.suite.get("seeds")
+    scale = data.suite.get("scale")
+    for t in exp.tables:
+        cols = list(t["columns"])
+        heads = list(t.get("headers") or cols)
+        paper = t.get("paper", {}) or {}
+        rows_sel = _match(names, t["rows"], "table.rows") if t.get("rows") else names
+        has_group = any(exp.variant(n).group for n in rows_sel)
+        header = (["group"] if has_group else []) + ["model", "setting"]
+        for h in heads:
+            header += [f"{h} (ours)"] + ([f"{h} (paper)"] if paper else [])
+        rows = []
+        tres = []
+        for n in rows_sel:
+            v = exp.variant(n)
+            if n not in data.runs and not v.disabled:
+                continue  # not part of this scale (the full table is in the experiment file)
+            row = ([v.group] if has_group else []) + [v.label, v.setting]
+            cells = {}
+            for i, col in enumerate(cols):
+                if v.disabled or n not in data.runs:
+                    ours = "not run"
+                else:
+                    agg = aggregate(metric_values(data, n, col))
+                    ours = format_agg(agg, col)
+                    cells[col] = {
+                        "mean": agg.mean,
+                        "std": agg.std,
+                        "n": agg.n,
+                        "of": agg.total,
+                        "nonfinite": agg.nonfinite,
+                    }
+                row.append(ours)
+                if paper:
+                    pv = paper.get(n, [None] * len(cols))[i]
+                    row.append(format_value(pv, col))
+            rows.append(row)
+            tres.append(
+                {
+                    "variant": n,
+                    "label": v.label,
+                    "group": v.group,
+                    "ours": cells,
+                    "paper": paper.get(n),
+                }
+            )
+        lines += [f"### {t.get('title', 'Results')}", ""]
+        lines.append(
+            f"Ours: mean ± std over {n_seeds} seed(s) at scale {scale}"
+            + ("; paper: the paper's numbers at its full scale." if paper else ".")
+        )
+        if t.get("note"):
+            lines.append(str(t["note"]))
+        lines += ["", markdown_table(header, rows), ""]
+        results.setdefault("tables", []).append(
+            {"title": t.get("title"), "columns": cols, "rows": tres}
+        )
+    return lines
+
+
+_LOWER_IS_BETTER = (
+    "best_error",
+    "final_error",
+    "steps_to",
+    "final_train_loss",
+    "final_test_loss",
+    "time_per_step",
+    "statdiff_final",
+)
+
+
+def _train_lookup(
+    data: SuiteData,
+) -> Callable[[dict[str, Any], Any], list[tuple[Any, float | None]]]:
+    """Claim values: a variant's mean over seeds; a glob (``"fb-IterNorm-*"``) takes the best of
+    the matching variants (``pick = "min"``/``"max"``; default: min for errors, losses, steps and
+    StatDiff, max otherwise) — e.g. 002 Fig. 3 reports each method at its best learning rate."""
+
+    def value(name: str, metric: str) -> float | None:
+        if name not in data.runs:
+            return None
+        return aggregate(metric_values(data, name, metric)).value
+
+    def lookup(claim: dict[str, Any], side: Any) -> list[tuple[Any, float | None]]:
+        metric = claim["metric"]
+        if any(ch in side for ch in "*?["):
+            names = [n for n in data.runs if fnmatch.fnmatchcase(n, side)]
+            vals = [v for v in (value(n, metric) for n in names) if v is not None]
+            if not vals:
+                return [(None, None)]
+            lower = metric.partition(":")[0] in _LOWER_IS_BETTER
+            pick = claim.get("pick", "min" if lower else "max")
+            return [(None, min(vals) if pick == "min" else max(vals))]
+        return [(None, value(side, metric))]
+
+    return lookup
+
+
+def _train_samples(data: SuiteData) -> Callable[[dict[str, Any], Any], list[float]]:
+    """Per-seed values of a claim side (for the significance test; [] for globs and mixtures)."""
+
+    def samples(claim: dict[str, Any], side: Any) -> list[float]:
+        if not isinstance(side, str) or side not in data.runs:
+            return []
+        return [v for v in metric_values(data, side, claim["metric"]) if math.isfinite(v)]
+
+    return samples
+
+
+def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    if not rows:
+        return []
+    results["claims"] = rows
+    held = sum(1 for r in rows if r["holds"])
+    failed = [r for r in rows if r["holds"] is False]
+    lines = [
+        "## The paper's claims, checked on our runs",
+        "",
+        markdown_table(
+            ["claim (paper)", "ours", "holds"],
+            [
+                [
+                    r["text"],
+                    r["ours"],
+                    MARK[r["holds"]] + (f" ({r['note']})" if r.get("note") else ""),
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        f"{held} of {len(rows)} claims hold at this scale"
+        + (
+            f"; {weak} of them by a margin that is not significant (Welch's t-test over seeds, p >= 0.05)."
+            if (
+                weak := sum(
+                    1 for r in rows if r["holds"] and r.get("p") is not None and r["p"] >= 0.05
+                )
+            )
+            else "."
+        ),
+    ]
+    if failed:
+        lines.append(
+            "Claims that do **not** hold here: " + "; ".join(f"“{r['text']}”" for r in failed) + "."
+        )
+    lines.append("")
+    return lines
+
+
+def _train_plots(data: SuiteData, out: Path) -> list[Path]:
+    from normlab.report import plots as P
+
+    spec = data.experiment.plots
+    paths: list[Path] = []
+    cur = spec.get("curves", {})
+    if cur is not False:
+        cur = cur if isinstance(cur, dict) else {}
+        paths += P.plot_curves(
+            data,
+            out,
+            x=cur.get("x", "epoch"),
+            train=cur.get("train", True),
+            window=int(cur.get("window", 10)),
+            logy=bool(cur.get("logy", False)),
+        )
+    if spec.get("losses"):
+        lo = spec["losses"] if isinstance(spec["losses"], dict) else {}
+        paths += P.plot_losses(data, out, x=lo.get("x", "step"))
+    if any(r.statdiff for rs in data.runs.values() for r in rs):
+        p = P.plot_statdiff(data, out)
+        if p:
+            paths.append(p)
+    gmm_sel = spec.get("gmm")
+    for v in data.variants:
+        if gmm_sel is False or (
+            isinstance(gmm_sel, list) and not any(fnmatch.fnmatchcase(v.name, g) for g in gmm_sel)
+        ):
+            continue
+        p = P.plot_gmm(data.runs[v.name][0], out)
+        if p:
+            paths.append(p)
+    if any(r.percentiles for rs in data.runs.values() for r in rs):
+        p = P.plot_percentile_runs(data, out)
+        if p:
+            paths.append(p)
+    sp = spec.get("speedup")
+    if sp:
+        paths += _speedup_plots(data, out, sp)
+    return paths
+
+
+def _speedup_plots(data: SuiteData, out: Path, spec: dict[str, Any]) -> list[Path]:
+    """003 Fig. 5: speed-up over the baseline across training (seed 0 of each variant)."""
+    from normlab.analysis.curves import plot_speedup
+    from normlab.report.plots import safe_name
+
+    paths = []
+    groups: dict[str, list[str]] = {}
+    for v in data.variants:
+        groups.setdefault(v.group, []).append(v.name)
+    for group, names in groups.items():
+        base = data.resolve(spec.get("baseline", ""), group)
+        if base is None or base not in data.runs:
+            continue
+        methods = {
+            data.experiment.variant(n).label: data.runs[n][0].records for n in names if n != base
+        }
+        if methods:
+            paths.append(
+                plot_speedup(
+                    data.runs[base][0].records, methods, out / f"speedup_{safe_name(group)}.png"
+                )
+            )
+    return paths
+
+
+def _curve_summary(data: SuiteData, results: dict[str, Any]) -> None:
+    """Per-variant aggregates of the standard metrics, for results.json."""
+    out = {}
+    for v in data.variants:
+        out[v.name] = {
+            m: (lambda a: {"mean": a.mean, "std": a.std, "n": a.n})(
+                aggregate(metric_values(data, v.name, m))
+            )
+            for m in ("best_acc", "final_acc", "final_train_loss")
+        }
+    results["variants"] = out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write ``report.md`` (+ PNGs and ``results.json``) for the suite run in ``run_dir``;
+    returns the path of ``report.md``."""
+    data = load_suite_data(run_dir)
+    out_dir = Path(out) if out is not None else data.root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exp = data.experiment
+    results: dict[str, Any] = {
+        "experiment": exp.name,
+        "scale": data.suite.get("scale"),
+        "seeds": data.suite.get("seeds"),
+    }
+    lines = _header(data) + _protocol(data)
+    if not data.runs:
+        lines += ["**No runs found** — nothing to report yet.", ""]
+        plots: list[Path] = []
+    elif exp.kind == "train":
+        lines += ["## Results", ""]
+        lines += _train_tables(data, results)
+        rows = evaluate_claims(
+            exp.claims, _train_lookup(data), data.suite.get("scale", "full"), _train_samples(data)
+        )
+        lines += _claims_section(rows, results)
+        plots = _train_plots(data, out_dir)
+        _curve_summary(data, results)
+    else:
+        from normlab.report.analyses import REPORTS
+
+        runner = _runner(exp.analysis.get("runner"), exp.name).name
+        body, rows, plots = REPORTS[runner](data, out_dir, results)
+        lines += ["## Results", "", *body]
+        lines += _claims_section(rows, results)
+    if plots:
+        lines += ["## Figures", ""]
+        for p in plots:
+            lines += [f"![{p.stem}]({_rel(p, out_dir)})", ""]
+    disc = out_dir / "discussion.md"
+    if disc.is_file():
+        lines += ["## Discussion", "", disc.read_text(encoding="utf-8").strip(), ""]
+    from normlab.train.checkpoint import atomic_write_text
+
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=_num) + "\n")
+    return report
+
+
+def _num(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
