@@ -40,7 +40,7 @@ EXTRA_ROWS: list[tuple[str, str]] = [
     ("dbn(group_size=16)", "bn"),
     ("dbn(group_size=64)", "bn"),
 ]
-GN_BASELINE = {"gn", "ln", "in"}
+GN_BASELINE = {"gn", "ln", "in", "mgn"}
 
 TARGETS = {
     "bcn": 2.5,

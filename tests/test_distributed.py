@@ -8,6 +8,12 @@ reproduce, in float64, the outputs, the input gradients (their slice), the param
 (summed over processes: the global loss is the sum of the per-process losses) and the running
 buffers, over two training steps, then the eval outputs. One DDP step (gradient averaging) must
 leave the same parameters and buffers as one single-process step. All of it runs in one spawn.
+
+MixtureNorm fits a mixture per batch from random k-means++ seeds: synchronised, the seeding uses
+rank 0's draws on the global point set, so with rank 0 seeded like the single process (and rank 1
+seeded differently on purpose) both sides fit the same mixture; the seeding and the whole fit of
+the engine are also compared directly, and fits on per-process random subsets
+(``sample_fraction < 1``) must at least be identical on every process.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from normlab.distributed import (
     synced_layers,
     unsync_stats,
 )
-from normlab.nn import stats
+from normlab.nn import gmm, stats
 from normlab.nn.standard import batch_norm_from_sums
 from normlab.nn.std_loss import standardization_moments, synced_standardization_moments
 
@@ -68,6 +74,16 @@ def _std_conv_net() -> nn.Module:
         nn.Linear(5 * 4 * 4, 7),
         nn.Tanh(),
         nn.Linear(7, 3),
+    )
+
+
+def _mixture_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        normlab.make_norm("mixture(k=3, em_iters=2, inference='literal')", 6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 1),
+        normlab.make_norm("mixture(k=2, em_iters=1)", 4),
     )
 
 
@@ -118,6 +134,37 @@ CASES: dict[str, tuple] = {
         1.0,
         False,
     ),
+    # MixtureNorm: the whole fit runs on the global batch; the k-means++ draws are rank 0's, which
+    # equal the single process's (same seed), so both sides fit the same mixture
+    "mixture": (
+        lambda: normlab.make_norm("mixture(k=3, em_iters=2)", 5),
+        (5, 4, 4),
+        1.0,
+        2.0,
+        False,
+    ),
+    "mixture_2d": (
+        lambda: normlab.make_norm("mixture(k=2, em_iters=3, queue_size=3)", 6),
+        (6,),
+        -1.0,
+        1.0,
+        False,
+    ),
+    "mixture_hard": (
+        lambda: normlab.make_norm("mixture(k=4, em_iters=0, min_weight=0.05)", 4),
+        (4, 3, 3),
+        0.0,
+        1.0,
+        False,
+    ),
+    "mixture_relu": (
+        lambda: normlab.make_norm("mixture(k=2, em_iters=4, activation='relu')", 5),
+        (5, 3, 3),
+        2.0,
+        1.5,
+        False,
+    ),
+    "mixture_net": (_mixture_net, (3, 4, 4), 0.0, 1.0, False),
     "std_conv": (_std_conv_net, (3, 4, 4), 0.5, 1.0, True),
     "std_seq": (_std_seq_net, (3, 4), 0.0, 1.0, True),
 }
@@ -151,12 +198,16 @@ def _data(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tens
     return xs, rs, draw()
 
 
-def _run(name: str, part: slice, synced: bool, world: int = 1) -> dict:
-    """Train ``STEPS`` steps on ``x[part]``; the loss is Σ out·R (+ std.loss() / world)."""
+def _run(name: str, part: slice, synced: bool, world: int = 1, rank: int = 0) -> dict:
+    """Train ``STEPS`` steps on ``x[part]``; the loss is Σ out·R (+ std.loss() / world). Processes
+    other than rank 0 start training from a different global RNG state: the random draws of a
+    synchronised layer (MixtureNorm's seeding) must be rank 0's."""
     model, std = _build(name)
     if synced:
         model = sync_stats(model, std_loss=std)
     xs, rs, x_eval = _data(name)
+    if rank:
+        torch.manual_seed(4321 + rank)
     model.train()
     res: dict = {}
     for x_full, r_full in zip(xs, rs, strict=True):
@@ -198,6 +249,50 @@ def _ddp_step(part: slice, world: int) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _seeding_data() -> list[tuple[str, torch.Tensor, int, int | None]]:
+    """(name, full-batch points, K, n_candidates) for the seeding/fit engine tests."""
+    g = torch.Generator().manual_seed(11)
+    f64 = torch.float64
+    blobs = torch.randn(8, 3, 5, generator=g, dtype=f64)
+    blobs = blobs + 4.0 * torch.randint(0, 3, (8, 1, 5), generator=g).to(f64)
+    flat = torch.randn(8, 4, generator=g, dtype=f64) * 3.0 + 1.0
+    dup = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=f64).repeat(4, 1)  # 2 distinct, K = 3
+    return [("blobs", blobs, 4, None), ("flat", flat, 3, 1), ("dup", dup, 3, None)]
+
+
+def _seeding(part: slice, rank: int) -> dict:
+    """k-means++ seeding and a whole fit of every seeding case on ``x[part]``, inside a reduction
+    scope over the default group when one is initialised; each rank's generator is seeded
+    differently (rank 0 like the single process)."""
+    dist = torch.distributed
+    group = dist.group.WORLD if dist.is_initialized() else None
+    out: dict = {}
+    for key, x, k, n_cand in _seeding_data():
+        with stats.reduction_scope(group):
+            ps = gmm.PointSet(x[part])
+            g = torch.Generator().manual_seed(77 + 1000 * rank)
+            centers, index = gmm.kmeans_plus_plus(ps, k, n_cand, generator=g)
+            out[key] = (centers + ps.shift, index)
+            g = torch.Generator().manual_seed(5 + 1000 * rank)
+            out[key + "_fit"] = tuple(gmm.fit_gmm(x[part], k, 2, 3, generator=g))
+    return out
+
+
+def _subset_fit(part: slice, rank: int, synced: bool = True) -> dict:
+    """A MixtureNorm fitting on a random half of the points (000 Sec. 5.1), two training steps;
+    each rank draws its subset from a different RNG state."""
+    torch.manual_seed(8)
+    layer = normlab.MixtureNorm(4, k=3, em_iters=3, sample_fraction=0.5).double()
+    if synced:
+        sync_stats(layer)
+    g = torch.Generator().manual_seed(12)
+    torch.manual_seed(100 + rank)
+    for _ in range(STEPS):
+        x = torch.randn(sum(SPLIT), 4, 3, 3, generator=g, dtype=torch.float64) * 2.0 + 1.0
+        layer(x[part]).sum().backward()
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
 def _parts() -> list[slice]:
     bounds = [0]
     for n in SPLIT:
@@ -216,8 +311,10 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
     )
     try:
         part = _parts()[rank]
-        results = {name: _run(name, part, synced=True, world=WORLD) for name in names}
+        results = {name: _run(name, part, synced=True, world=WORLD, rank=rank) for name in names}
         results["ddp"] = _ddp_step(part, WORLD)
+        results["seeding"] = _seeding(part, rank)
+        results["subset"] = _subset_fit(part, rank)
         if rank == 0:  # eval opens no collective: one process alone may run it
             for name in names:
                 model, _ = _build(name)
@@ -408,13 +505,36 @@ def test_sync_stats_layer_selection_and_undo():
         sync_stats(lambda x: x)
 
 
-def test_mixture_norm_is_refused_until_its_fit_is_synchronised():
+def test_mixture_norm_is_synchronised():
     net = nn.Sequential(normlab.make_norm("mixture", 4), normlab.BatchNorm(4))
-    with pytest.raises(NotImplementedError, match="MixtureNorm"):
-        sync_stats(net)
-    with pytest.warns(UserWarning, match="MixtureNorm"):
-        sync_stats(net, strict=False)
-    assert synced_layers(net) == ["1"]
+    assert sync_stats(net) is net
+    assert synced_layers(net) == ["0", "1"]
+
+
+@pytest.mark.parametrize("key", [case[0] for case in _seeding_data()])
+def test_synced_seeding_and_fit_equal_one_process_on_the_whole_batch(two_process_results, key):
+    ref = _seeding(slice(None), 0)
+    for r, res in enumerate(two_process_results):
+        centers, index = res["seeding"][key]
+        _close(centers, ref[key][0], f"rank {r} k-means++ centres")
+        assert torch.equal(index, ref[key][1]), (r, index, ref[key][1])
+        for what, a, b in zip(
+            ("weight", "mean", "var"), res["seeding"][key + "_fit"], ref[key + "_fit"], strict=True
+        ):
+            _close(a, b, f"rank {r} fitted {what}")
+    if key == "blobs":  # guard: the draws matter, so rank 1's own generator would seed otherwise
+        other = _seeding(slice(None), 1)
+        assert not torch.equal(other[key][1], ref[key][1])
+
+
+def test_synced_subset_fits_are_identical_on_every_process(two_process_results):
+    fits = [res["subset"] for res in two_process_results]
+    for k in ("queue_weight", "queue_mean", "queue_var", "last_num_components"):
+        assert torch.equal(fits[0][k], fits[1][k]), k
+    assert torch.isfinite(fits[0]["queue_mean"]).all()
+    # guard: without synchronisation the two processes' fits differ
+    local = [_subset_fit(part, r, synced=False) for r, part in enumerate(_parts())]
+    assert not torch.allclose(local[0]["queue_mean"], local[1]["queue_mean"])
 
 
 def test_scope_is_closed_after_a_failing_forward_and_deepcopy_works():

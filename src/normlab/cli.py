@@ -4,6 +4,7 @@
 
     normlab norms                                   # list the normalization layers
     normlab train experiments/digits_bn.toml --set optim.lr=0.1 [--resume]
+    torchrun --nproc_per_node=2 -m normlab.cli train experiments/digits_bn.toml --set run.sync_stats=true
     normlab quickstart [--out DIR] [--seeds 3] [--epochs N] [--methods bn,mode] [--jobs N]
     normlab run EXPERIMENT / normlab report RUN_DIR   (see normlab.report.commands)
 """
@@ -15,10 +16,12 @@ import sys
 from collections.abc import Sequence
 
 import normlab
+from normlab.distributed import is_main_process
 
 
 def _err(msg: str) -> None:
-    print(f"normlab: error: {msg}", file=sys.stderr)
+    if is_main_process():  # the other processes of a torchrun job stay quiet
+        print(f"normlab: error: {msg}", file=sys.stderr)
 
 
 def _cmd_norms(args: argparse.Namespace) -> int:
@@ -30,7 +33,8 @@ def _cmd_norms(args: argparse.Namespace) -> int:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if is_main_process():  # the other processes of a torchrun job stay quiet
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -58,6 +62,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log(f"run directory: {trainer.run_dir}")
     result = trainer.fit()
     s = result.summary
+    if not trainer.dist.is_main:
+        return 0
     print(
         f"final test acc {100 * s['final_test_acc']:.2f}%  best {100 * s['best_test_acc']:.2f}% "
         f"(step {s['best_step']})  {s['steps']} steps, {1000 * s['time_per_step']:.1f} ms/step  "

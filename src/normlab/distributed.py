@@ -43,13 +43,20 @@ local.
 The standardization loss is not a module of the model; synchronise it with
 ``sync_stats(model, std_loss=std)`` or ``std.sync(process_group)``
 (:meth:`normlab.StandardizationLoss.sync`).
+
+**Joining a torchrun job.** :func:`init_distributed` initialises the default group from the
+variables ``torchrun`` sets (gloo on CPU, NCCL on CUDA), :func:`dist_info` describes this process,
+:func:`shard` splits a batch between processes and :func:`broadcast_object` sends rank 0's value
+to all; ``normlab.train`` uses them (``run.sync_stats = true`` turns :func:`sync_stats` on).
 """
 
 from __future__ import annotations
 
-import warnings
+import atexit
+import os
 from collections.abc import Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +64,16 @@ from torch import Tensor, nn
 from normlab.nn import stats
 
 __all__ = [
+    "DistInfo",
     "all_reduce_sum",
+    "broadcast_object",
+    "dist_info",
+    "env_world_size",
+    "init_distributed",
+    "is_main_process",
     "register_batch_stats_layer",
     "resolve_group",
+    "shard",
     "sync_stats",
     "synced_layers",
     "unsync_stats",
@@ -159,19 +173,16 @@ def register_batch_stats_layer(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def _layer_types() -> tuple[tuple[type[nn.Module], ...], tuple[type[nn.Module], ...]]:
-    """(synchronisable layer types, batch-statistics layer types that cannot be synchronised
-    yet). Imported lazily: the layer files import :mod:`normlab.nn.stats`, as does this one."""
+def _layer_types() -> tuple[type[nn.Module], ...]:
+    """The synchronisable layer types. Imported lazily: the layer files import
+    :mod:`normlab.nn.stats`, as does this one."""
     from normlab.nn import batch_channel, fixedstats, mixture, mode, standard, whitening
 
     supported: list[type[nn.Module]] = [standard.BatchNorm, batch_channel.BCNorm]
     supported += [getattr(mode, "ModeNorm", None), getattr(whitening, "IterNorm", None)]
     supported += [getattr(whitening, "DBN", None), getattr(fixedstats, "FixedStatsNorm", None)]
-    unsupported = [getattr(mixture, "MixtureNorm", None)]
-    return (
-        tuple(t for t in [*supported, *_EXTRA_TYPES] if t is not None),
-        tuple(t for t in unsupported if t is not None),
-    )
+    supported += [getattr(mixture, "MixtureNorm", None)]
+    return tuple(t for t in [*supported, *_EXTRA_TYPES] if t is not None)
 
 
 class _SyncSpec:
@@ -237,7 +248,6 @@ def sync_stats(
     *,
     std_loss: Any = None,
     convert_batchnorm: bool = True,
-    strict: bool = True,
 ) -> nn.Module:
     """Make every batch-statistics layer of ``model`` compute its statistics over all processes.
 
@@ -250,14 +260,15 @@ def sync_stats(
         convert_batchnorm: replace torch's ``nn.BatchNorm1d/2d/3d`` by normlab's ``BatchNorm``
             (same parameter and buffer tensors) so that they are synchronised too. The root
             module itself may be replaced — use the return value.
-        strict: raise ``NotImplementedError`` if the model holds a batch-statistics layer that
-            cannot be synchronised yet (``MixtureNorm``); ``False`` warns and leaves it local.
 
     Synchronised layers (training mode only): ``bn`` (:class:`~normlab.nn.BatchNorm`), ``bcn``
-    (both modes), ``mode`` (:class:`~normlab.nn.ModeNorm`), ``iternorm``, ``dbn``,
-    ``fixedstats`` and layers declared with :func:`register_batch_stats_layer`. Layers whose statistics are per sample
-    (gn, ln, in, mgn, WS) need nothing. Calling it again updates the group. Without an
-    initialised process group (or with a one-process group) outputs are unchanged.
+    (both modes), ``mixture`` (:class:`~normlab.nn.MixtureNorm`: the whole fit — k-means++
+    seeding, k-means, EM — runs on the global batch and ends identical on every process, see
+    :mod:`normlab.nn.mixture`), ``mode`` (:class:`~normlab.nn.ModeNorm`), ``iternorm``, ``dbn``,
+    ``fixedstats`` and layers declared with :func:`register_batch_stats_layer`. Layers whose
+    statistics are per sample (gn, ln, in, mgn, WS) need nothing. Calling it again updates the
+    group. Without an initialised process group (or with a one-process group) outputs are
+    unchanged.
 
     Returns:
         the model (the same object unless the root itself was a converted torch BatchNorm).
@@ -271,18 +282,9 @@ def sync_stats(
         )
     if convert_batchnorm:
         model = _convert_torch_bn(model)
-    supported, unsupported = _layer_types()
-    blocked = [n or "(root)" for n, m in model.named_modules() if isinstance(m, unsupported)]
-    if blocked:
-        msg = (
-            f"sync_stats: cannot synchronise {blocked} yet (MixtureNorm's fit is not "
-            "synchronised across processes); they would use per-process statistics"
-        )
-        if strict:
-            raise NotImplementedError(msg + " — pass strict=False to leave them local")
-        warnings.warn(msg, stacklevel=2)
+    supported = _layer_types()
     for _, m in model.named_modules():
-        if not isinstance(m, supported) or isinstance(m, unsupported):
+        if not isinstance(m, supported):
             continue
         spec = m.__dict__.get("_normlab_sync")
         if spec is not None:
@@ -325,3 +327,131 @@ def synced_layers(model: nn.Module) -> list[str]:
     """Qualified names of the layers of ``model`` that :func:`sync_stats` synchronises (``""`` is
     the root)."""
     return [n for n, m in model.named_modules() if "_normlab_sync" in m.__dict__]
+
+
+# ----------------------------------------------------------------------------------------------
+# Joining a torchrun job (used by normlab.train)
+# ----------------------------------------------------------------------------------------------
+
+
+class DistInfo(NamedTuple):
+    """This process's place in a ``torch.distributed`` job: ``rank``, ``world_size``,
+    ``local_rank`` (index on its machine) and ``backend`` (``None`` for a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes files."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by ``torchrun`` (1 when unset)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def dist_info() -> DistInfo:
+    """The current job: from the initialised default process group, else a single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), dist.get_backend()
+    )
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only process): the one that logs and writes files.
+    Before the process group is initialised, read from torchrun's ``RANK`` variable."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
+
+
+_INITIALISED_HERE = False
+
+
+def _destroy_at_exit() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def init_distributed(
+    device: torch.device | str | None = None, backend: str = "auto", timeout_s: float = 1800.0
+) -> DistInfo:
+    """Join the job ``torchrun`` describes in the environment, once per process.
+
+    ``torchrun --nproc_per_node=N`` (or ``python -m torch.distributed.run``) sets ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with ``WORLD_SIZE > 1``
+    this initialises the default process group from them (``init_method="env://"``) with
+    ``backend`` — ``"auto"``: NCCL when ``device`` is a CUDA device, gloo otherwise — and makes
+    ``device`` the current CUDA device. Without those variables (or with ``WORLD_SIZE = 1``) it
+    does nothing and returns a single-process :class:`DistInfo`. An already initialised default
+    group is used as it is (so a launcher of its own may initialise it first). The group is
+    destroyed at interpreter exit.
+    """
+    global _INITIALISED_HERE
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist_info()
+    world = env_world_size()
+    if world < 2:
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=_env_int("RANK", 0),
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    if not _INITIALISED_HERE:
+        atexit.register(_destroy_at_exit)
+        _INITIALISED_HERE = True
+    return dist_info()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of process ``src`` on every process (pickled; any picklable value). Identity for a
+    single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(t: Tensor, world_size: int, rank: int) -> Tensor:
+    """Process ``rank``'s contiguous share of the first dimension of ``t``: ``world_size`` parts
+    whose sizes differ by at most one, the larger ones first (``torch.tensor_split``)."""
+    if world_size < 2:
+        return t
+    return torch.tensor_split(t, world_size)[rank]

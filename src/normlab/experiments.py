@@ -918,11 +918,20 @@ def run_experiment(
         "runs": [],
     }
     _check_suite(out, suite, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    # under torchrun (normlab.train's multi-process training) every process runs the training
+    # runs together; rank 0 alone writes the suite files, and runs the analyses on its own
+    from normlab.distributed import is_main_process
+
+    main = is_main_process()
+    if not main and exp.kind == "analysis":
+        suite["out"] = str(out)
+        return suite
     from normlab.train.checkpoint import atomic_write_text
 
-    atomic_write_text(out / EXPERIMENT_COPY, exp.path.read_text(encoding="utf-8"))
-    _write_json(out / SUITE_FILE, suite)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / EXPERIMENT_COPY, exp.path.read_text(encoding="utf-8"))
+        _write_json(out / SUITE_FILE, suite)
     t0 = time.perf_counter()
     for i, spec in enumerate(specs, 1):
         tag = f"[{i}/{len(specs)}] {spec.variant.name} seed {spec.seed}"
@@ -935,10 +944,12 @@ def run_experiment(
                 "status": status,
             }
         )
-        _write_json(out / SUITE_FILE, suite)
+        if main:
+            _write_json(out / SUITE_FILE, suite)
     suite["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     suite["wall_time"] = round(time.perf_counter() - t0, 2)
-    _write_json(out / SUITE_FILE, suite)
+    if main:
+        _write_json(out / SUITE_FILE, suite)
     suite["out"] = str(out)
     return suite
 
@@ -974,7 +985,12 @@ def _run_one(
     trainer = Trainer(
         cfg, spec.run_dir, resume=not overwrite, overwrite=overwrite, log=lambda m: None
     )
-    collectors = _collectors(exp, trainer, spec.run_dir, fresh=overwrite or not resumed)
+    # collectors write files: rank 0's alone under torchrun (they hold no collectives)
+    collectors = (
+        _collectors(exp, trainer, spec.run_dir, fresh=overwrite or not resumed)
+        if trainer.dist.is_main
+        else []
+    )
     trainer.callbacks.extend(collectors)
     log(
         f"{tag}: {'resuming' if resumed else 'training'} {trainer.total_steps} steps -> {spec.run_dir}"

@@ -28,6 +28,12 @@ with the host):
   that produced the final centres.
 * :func:`fit_gmm` — seeding, :func:`kmeans_init`, EM.
 
+Across processes (:func:`normlab.sync_stats`): inside a reduction scope every sum — the shift,
+the M-steps' sufficient statistics, k-means++'s D² masses and potentials — is all-reduced, and
+:func:`kmeans_plus_plus` seeds on the global point set with the first process's random draws, so
+every process ends with the same fit, the one a single process holding the whole batch gets
+(up to rounding) under that generator state. The points themselves never leave their process.
+
 Numerics: coordinates are shifted by a per-channel constant (by default the mean of all points),
 which leaves every step equivariant (means are shifted back) but keeps squares — hence variances
 and distances — from cancelling catastrophically; the shifted squares are the one activation-sized
@@ -48,7 +54,7 @@ import torch
 from torch import Tensor
 
 from normlab.nn._utils import stat_dtype
-from normlab.nn.stats import reduce_sums, weighted_channel_sums
+from normlab.nn.stats import current_group, reduce_sums, weighted_channel_sums
 
 __all__ = [
     "GMMParams",
@@ -236,8 +242,21 @@ def kmeans_plus_plus(
     (default ``2 + ⌊ln K⌋``) with probability ∝ D(x)² (squared distance to the nearest chosen
     centre), keep the candidate that most lowers Σ_x D(x)². ``n_candidates=1`` is plain k-means++.
     If every point already coincides with a centre (fewer distinct points than K), candidates are
-    drawn uniformly. Sampling is inverse-CDF with ``torch.rand`` on the points' device, so it is
-    reproducible under ``torch.manual_seed`` and needs no host synchronisation.
+    drawn uniformly. Sampling is inverse-CDF: the ``1 + (K − 1)·n_candidates`` uniforms are drawn
+    up front with ``torch.rand`` on the points' device, so it is reproducible under
+    ``torch.manual_seed`` and needs no host synchronisation.
+
+    **Across processes.** Inside a :func:`~normlab.nn.stats.reduction_scope` over a process group
+    (a MixtureNorm synchronised by :func:`normlab.sync_stats`), the seeding is that of the *global*
+    point set — the concatenation of every process's points in rank order — and identical on every
+    process: the uniforms of the group's first process are used by all (one all-reduce), each
+    draw is located in the global cumulative distribution (each process's share of the D² mass
+    is all-reduced; the process holding the drawn point contributes it to an all-reduced candidate
+    matrix) and the candidates' potentials are all-reduced before the argmin. So the result equals,
+    up to rounding, the single-process seeding of the whole batch with the first process's
+    generator state, the point data never leaves its process (2K + 1 small collectives in all),
+    and ``indices`` are flat indices into that concatenation (carried in the points' dtype:
+    exact below 2²⁴ points in all for float32).
     """
     ps = _as_pointset(points)
     if k < 1:
@@ -248,23 +267,80 @@ def kmeans_plus_plus(
     dev, dt, m = ps.device, ps.dtype, ps.count
     if m < 1:
         raise ValueError("kmeans_plus_plus: need at least one point")
-    first = torch.randint(0, m, (1,), device=dev, generator=generator)
+    u = torch.rand(1 + (k - 1) * n_cand, device=dev, dtype=dt, generator=generator)
+    group = current_group()
+    if group is not None:
+        return _kmeans_plus_plus_synced(ps, k, n_cand, u, group)
+    first = u[:1].mul(m).long().clamp_max_(m - 1)
     indices = [first]
     centers = [ps.points_at(first)]
     d2 = sq_distances(ps, centers[0])  # (N, 1[, L]); .flatten() is in flat point order
-    for _ in range(1, k):
+    for step in range(1, k):
         flat = d2.flatten()
         total = flat.sum()
         # all mass zero -> uniform draw (no Python branch on the tensor)
         cdf = torch.cumsum(flat + (total <= 0).to(dt), 0)
-        u = torch.rand(n_cand, device=dev, dtype=dt, generator=generator).mul_(cdf[-1])
-        cand = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)
+        draws = u[1 + (step - 1) * n_cand : 1 + step * n_cand].mul(cdf[-1])
+        cand = torch.searchsorted(cdf, draws, right=True).clamp_max_(m - 1)
         new_d2 = torch.minimum(sq_distances(ps, ps.points_at(cand)), d2)  # (N, J[, L])
         best = _point_sum(new_d2).argmin()[None]
         d2 = new_d2.index_select(1, best)
         pick = cand.index_select(0, best)
         indices.append(pick)
         centers.append(ps.points_at(pick))
+    return torch.cat(centers, 0), torch.cat(indices, 0)
+
+
+def _kmeans_plus_plus_synced(
+    ps: PointSet, k: int, n_cand: int, u: Tensor, group: object
+) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus` of the points of every process of ``group`` (see there). Every
+    collective is a :func:`~normlab.nn.stats.reduce_sums` of small tensors; the per-process shares
+    (counts, D² masses) travel as one-hot rows, so a SUM all-reduce gathers them exactly."""
+    dist = torch.distributed
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dev, dt, m = ps.device, ps.dtype, ps.count
+    mine_col = torch.arange(world, device=dev) == rank  # (W,) one-hot of this process
+    lead = float(rank == 0)
+    # the first process's uniforms, every process's point count (exact: 0 + x = x)
+    u, counts = reduce_sums(u * lead, mine_col.to(dt) * m)
+    count_start = torch.cumsum(counts, 0) - counts  # flat index of each process's first point
+
+    def locate(targets: Tensor, shares: Tensor, cdf: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Global inverse-CDF positions ``targets`` (J,) over per-process masses ``shares`` (W,):
+        (local flat index (J,), whether this process holds the point (J,))."""
+        ends = torch.cumsum(shares, 0)
+        owner = torch.searchsorted(ends, targets, right=True).clamp_max_(world - 1)
+        local = targets - (ends - shares)[rank]
+        # uniform over the points (cdf None): the cdf would be 1, 2, …, m
+        idx = local.floor().long() if cdf is None else torch.searchsorted(cdf, local, right=True)
+        return idx.clamp_(0, m - 1), owner == rank
+
+    def gather_points(idx: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+        """The (shifted) points at ``idx`` held by their owners, and their global flat indices."""
+        rows = torch.cat([ps.points_at(idx), (idx.to(dt) + count_start[rank])[:, None]], 1)
+        (rows,) = reduce_sums(torch.where(held[:, None], rows, 0.0))
+        return rows[:, :-1], rows[:, -1].round().long()
+
+    first, held = locate(u[:1] * counts.sum(), counts, None)
+    center, index = gather_points(first, held)
+    centers, indices = [center], [index]
+    d2 = sq_distances(ps, center)  # (N, 1[, L])
+    (shares,) = reduce_sums(torch.where(mine_col, d2.sum(), 0.0))  # (W,) D² mass per process
+    for step in range(1, k):
+        flat = d2.flatten()
+        uniform = shares.sum() <= 0  # all mass zero -> uniform draw, as in one process
+        cdf = torch.cumsum(flat + uniform.to(dt), 0)
+        mass = torch.where(uniform, counts, shares)
+        draws = u[1 + (step - 1) * n_cand : 1 + step * n_cand] * mass.sum()
+        cand, cand_index = gather_points(*locate(draws, mass, cdf))
+        new_d2 = torch.minimum(sq_distances(ps, cand), d2)  # (N, J[, L])
+        (pot,) = reduce_sums(torch.where(mine_col, _point_sum(new_d2)[:, None], 0.0))  # (J, W)
+        best = pot.sum(1).argmin()[None]
+        d2 = new_d2.index_select(1, best)
+        shares = pot.index_select(0, best)[0]
+        centers.append(cand.index_select(0, best))
+        indices.append(cand_index.index_select(0, best))
     return torch.cat(centers, 0), torch.cat(indices, 0)
 
 

@@ -63,11 +63,21 @@ allocating activation-sized tensors; a training step allocates three (the points
 become the output, and two in backward) against BatchNorm's two. Variances come from one-pass
 sums taken around the batch mean (as Sec. 3.2 writes them, σ² = ν̂ᵀx² − μ²), accurate in float32
 to ~1e-7·((μ_k − mean)/σ_k)² relative. A component with (near-)zero total posterior mass is
-treated as absent (its 1/√λ_k is 0), so nothing divides by zero. Distributed training: every sum
-(the shift, the fit's M-steps, Eq. 35–36, the backward) goes through :mod:`normlab.nn.stats` and
-follows its rules (common shift, counts from reduced sums, backward scope), but the k-means++
-seeds are drawn per process, so inside a reduction scope the first M-step would merge unrelated
-clusters of different ranks; a synchronised MixtureNorm needs shared seeding first.
+treated as absent (its 1/√λ_k is 0), so nothing divides by zero.
+
+Distributed training (:func:`normlab.sync_stats`). Inside a reduction scope the mixture is fitted
+to, and normalizes with, the points of *all* processes, and every process ends with the same fit
+(hence the same queue): every sum goes through :mod:`normlab.nn.stats` and follows its rules —
+the shift of the points is the global mean, the M-steps' λ come from all-reduced counts, k-means
+and EM iterate on all-reduced sufficient statistics, Eq. 35–36 use all-reduced sums, and the
+backward re-enters the forward's scope (input gradient of the global-batch computation, γ/β
+gradients from local sums, as ``nn.SyncBatchNorm``). The k-means++ seeding is that of the global
+point set with the first process's random draws (:func:`normlab.nn.gmm.kmeans_plus_plus`), so it
+equals the single-process seeding of the whole batch under that generator state; the points
+themselves are never gathered. Posteriors, pruning masks and E-steps are per point (local). With
+``sample_fraction < 1`` each process draws its own random subset of its own points (a
+per-process stratified sample of the global batch, at least K points each) — the fit on the
+union of the subsets is still shared, but it is not the single-process fit of one global subset.
 """
 
 from __future__ import annotations

@@ -18,15 +18,19 @@ import argparse
 import sys
 from typing import Any
 
+from normlab.distributed import is_main_process
+
 __all__ = ["add_commands", "cmd_report", "cmd_run"]
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if is_main_process():  # under torchrun only rank 0 speaks
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _err(msg: str) -> int:
-    print(f"normlab: error: {msg}", file=sys.stderr)
+    if is_main_process():
+        print(f"normlab: error: {msg}", file=sys.stderr)
     return 2
 
 
@@ -63,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log("interrupted; run the same command again to continue")
         return 130
     _log(f"runs in {suite['out']} ({suite.get('wall_time', 0):.0f} s)")
-    if not args.no_report:
+    if not args.no_report and is_main_process():
         from normlab.report.report import write_report
 
         path = write_report(suite["out"])

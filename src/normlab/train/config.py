@@ -251,7 +251,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run goes and how it runs."""
+    """Where the run goes and how it runs. Launched by ``torchrun --nproc_per_node=N`` the run
+    trains on N processes with DistributedDataParallel (see :mod:`normlab.train.loop`);
+    ``sync_stats`` and ``dist_backend`` only matter then."""
 
     seed: int = field(
         default=0,
@@ -286,6 +288,20 @@ class RunConfig:
         metadata=_meta(
             "progress bar: 'auto' (on a terminal, not under CI), 'on', 'off'",
             choices=("auto", "on", "off"),
+        ),
+    )
+    sync_stats: bool = field(
+        default=False,
+        metadata=_meta(
+            "multi-process runs (torchrun): batch statistics over all processes' samples "
+            "(normlab.sync_stats); no effect in one process"
+        ),
+    )
+    dist_backend: str = field(
+        default="auto",
+        metadata=_meta(
+            "torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU)",
+            choices=("auto", "nccl", "gloo"),
         ),
     )
 

@@ -23,11 +23,46 @@ and the torch / CUDA / Python / numpy / data-generator RNG states, so on the CPU
 resumed run produces exactly the metrics of an uninterrupted one. The standardization loss keeps
 no state across steps (its accumulator is emptied every step) and BCN's estimates are buffers in
 the model's ``state_dict``; its rate is set again from the restored optimizer.
+
+Multi-process training. Launched by ``torchrun --nproc_per_node=N normlab train cfg.toml`` (any
+launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
+every process joins the job (:func:`normlab.distributed.init_distributed`: gloo on CPU, NCCL on
+CUDA, ``run.dist_backend`` to choose; with ``run.device = "auto"``/``"cuda"`` process ``LOCAL_RANK``
+uses ``cuda:LOCAL_RANK``) and trains the same model wrapped in ``DistributedDataParallel``:
+
+* **Data.** ``train.batch_size`` is the *global* batch. Every process draws the same per-epoch
+  permutation from the shared seeded generator — the distributed sampler: reshuffled every epoch,
+  identical to the one-process order — and takes a contiguous share of each global micro-batch
+  (``torch.tensor_split``: sizes differ by at most one when the batch does not divide by the
+  number of processes, the larger shares on the lower ranks). With ``data.augment`` each process
+  augments the whole global micro-batch with the shared generator and keeps its share, so the
+  samples *and* their augmentation are those of a one-process run (and the generator stays in
+  step on every process, which is what lets any process resume from rank 0's checkpoint). The
+  batch size must be at least the number of processes; with ``drop_last = false`` a final partial
+  batch smaller than that is dropped.
+* **Gradients.** Each process's loss is its mean cross-entropy times ``n_local · N / n_global``,
+  so DDP's averaging yields the gradient of the global batch's mean loss even for uneven shares;
+  accumulation steps skip DDP's all-reduce (``no_sync``) except on the last micro-batch.
+* **Statistics.** ``run.sync_stats = true`` applies :func:`normlab.sync_stats` (and synchronises
+  the standardization loss): every batch-statistics layer then normalizes with the statistics of
+  the global batch, so the run computes what a one-process run with the same batch computes.
+  Without it each process normalizes with its own share's statistics (plain DDP) and DDP
+  broadcasts rank 0's buffers at every forward.
+* **Evaluation and logging.** Each process evaluates a contiguous shard of the test set with the
+  unwrapped model and rank 0's buffers; loss sums and correct counts are all-reduced, as are the
+  running train sums, so every record is the global one and ``metrics.jsonl`` has the same format.
+  Rank 0 alone creates the run directory and writes ``config.toml``, ``env.json`` (with
+  ``world_size``), ``metrics.jsonl``, ``summary.json``, checkpoints, log lines and the progress bar.
+* **Resume.** Rank 0 reads the checkpoint and broadcasts it, so the run directory need only be on
+  rank 0's machine; the train sums are made global before each checkpoint. The checkpoint does
+  not depend on the number of processes. Callbacks run on every process (a callback that raises
+  must raise on all of them).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -35,6 +70,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -45,8 +81,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import normlab
+from normlab.distributed import (
+    DistInfo,
+    broadcast_object,
+    env_world_size,
+    init_distributed,
+    shard,
+    sync_stats,
+)
 from normlab.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -90,6 +135,7 @@ RESUME_MUTABLE_KEYS = frozenset(
         "run.threads",
         "run.save_checkpoints",
         "run.checkpoint_every_steps",
+        "run.dist_backend",
         "run.dir",
         "run.name",
         "train.eval_batch_size",
@@ -160,8 +206,9 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Modu
     return model
 
 
-def environment(device: torch.device, seed: int) -> dict[str, Any]:
-    """Versions, device and seed of this process (written to ``env.json``)."""
+def environment(device: torch.device, seed: int, dist: DistInfo | None = None) -> dict[str, Any]:
+    """Versions, device and seed of this process, and the number of processes and backend of a
+    multi-process run (written to ``env.json``)."""
     env: dict[str, Any] = {
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -174,7 +221,10 @@ def environment(device: torch.device, seed: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "seed": seed,
         "argv": list(sys.argv),
+        "world_size": 1 if dist is None else dist.world_size,
     }
+    if dist is not None and dist.enabled:
+        env["dist_backend"] = dist.backend
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
@@ -242,14 +292,23 @@ class Trainer:
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
         self.device = select_device(c.run.device)
+        if env_world_size() > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+        self.dist = init_distributed(self.device, c.run.dist_backend)
+        if not self.dist.is_main:
+            self.log = lambda msg: None
+        # rank 0 alone writes into the run directory
+        self._writer = self.run_dir is not None and self.dist.is_main
 
-        ckpt = self._prepare_dir(resume, overwrite)
+        ckpt = self._prepare_dir_everywhere(resume, overwrite)
 
         _seed_everything(c.run.seed)
         self.data = self._load_data(data)
         self.model = build_model(c.model, self.data.num_classes, self.data.in_channels).to(
             self.device
         )
+        if c.run.sync_stats:  # before the std loss hooks: torch BatchNorms may be replaced
+            self.model = sync_stats(self.model)
         self.std_loss = None
         if c.model.std_loss_weight > 0:
             from normlab.nn.std_loss import StandardizationLoss
@@ -258,12 +317,22 @@ class Trainer:
             self.std_loss = StandardizationLoss(
                 self.model, modules=mods, weight=c.model.std_loss_weight
             )
+            if c.run.sync_stats:
+                self.std_loss.sync()
         self._bcn = self._bcn_setter()
         self.optimizer = build_optimizer(self.model, c.optim)
 
         n = int(self.data.train_y.shape[0])
         bs, accum = c.train.batch_size, c.train.accum_steps
-        n_micro = n // bs if c.train.drop_last else math.ceil(n / bs)
+        world = self.dist.world_size
+        if bs < world:
+            raise ConfigError(
+                f"train.batch_size: the global batch of {bs} samples cannot be shared by {world} "
+                "processes (at least one sample each)"
+            )
+        # a final partial batch smaller than the number of processes is dropped (1 process: none)
+        tail = n % bs
+        n_micro = n // bs if (c.train.drop_last or tail < world) else math.ceil(n / bs)
         if n_micro == 0:
             raise ConfigError(
                 f"train.batch_size: {bs} is larger than the training set ({n} samples) with "
@@ -284,6 +353,10 @@ class Trainer:
         self.forward_model: nn.Module = self.model
         if c.run.compile:
             self.forward_model = torch.compile(self.model)
+        # evaluation: on a shard per process, outside DDP (no collectives in the forward)
+        self.eval_model: nn.Module = self.forward_model
+        self.ddp: DistributedDataParallel | None = None
+        self._wrap_ddp()
 
         self.data_gen = torch.Generator().manual_seed(c.run.seed + 0x5EED)
 
@@ -304,6 +377,49 @@ class Trainer:
             self._restore(ckpt)
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _wrap_ddp(self) -> None:
+        """Training forwards through DistributedDataParallel (multi-process runs only; a
+        collective: every process calls it)."""
+        if not self.dist.enabled or self.ddp is not None:
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # a conv with one input channel gets weight gradients whose stride along that size-1
+        # dimension differs from the parameter's: same layout, but DDP warns on every process
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward_model = torch.compile(self.ddp) if self.config.run.compile else self.ddp
+
+    def _unwrap_ddp(self) -> None:
+        """Drop the DDP wrapper at the end of :meth:`fit`: one still alive when the process
+        group is destroyed (at exit) can abort the process in its destructor, and it sits in
+        reference cycles, hence the collection."""
+        if self.ddp is None:
+            return
+        self.ddp = None
+        self.forward_model = self.eval_model
+        gc.collect()
+
+    def _prepare_dir_everywhere(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+        """:meth:`_prepare_dir` on rank 0; its checkpoint (or its error) reaches every process."""
+        if not self.dist.enabled:
+            return self._prepare_dir(resume, overwrite)
+        payload: tuple = ("ok", None)
+        error: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                payload = ("ok", self._prepare_dir(resume, overwrite))
+            except Exception as e:  # every process must leave the broadcast
+                error = e
+                payload = ("error", type(e).__name__, str(e))
+        payload = broadcast_object(payload)
+        if error is not None:
+            raise error
+        if payload[0] == "error":
+            kinds = {"ConfigError": ConfigError, "FileExistsError": FileExistsError}
+            kind = kinds.get(payload[1], ValueError if payload[1] == "ValueError" else RuntimeError)
+            raise kind(payload[2] if kind is not RuntimeError else f"rank 0: {payload[2]}")
+        return payload[1]
 
     def _prepare_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
         if self.run_dir is None:
@@ -331,6 +447,8 @@ class Trainer:
                 _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
             )
             atomic_write_json(env_path, env)
+            # metrics.jsonl: exactly the records the checkpoint had seen
+            ckpt["records"] = read_metrics(d)[: ckpt["counters"]["metrics_lines"]]
             return ckpt
         existing = [p for p in (ck_path, d / METRICS) if p.exists()]
         if existing and not resume and not overwrite:
@@ -345,16 +463,17 @@ class Trainer:
                 (d / name).unlink()
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / "config.toml", dump_toml(self.config))
-        atomic_write_json(d / "env.json", environment(self.device, self.config.run.seed))
+        atomic_write_json(d / "env.json", environment(self.device, self.config.run.seed, self.dist))
         return None
 
     def _load_data(self, data: Any) -> Any:
         from normlab.data import load_dataset
 
         c = self.config.data
-        if data is None:
+
+        def load() -> Any:
             try:
-                data = load_dataset(
+                return load_dataset(
                     c.name,
                     root=c.root or None,
                     download=c.download,
@@ -363,6 +482,22 @@ class Trainer:
                 )
             except TypeError as e:
                 raise ConfigError(f"data.kwargs: {e}") from None
+
+        if data is None and self.dist.enabled and c.download:
+            # rank 0 downloads, then the others read its files (on a shared file system)
+            error = None
+            if self.dist.is_main:
+                try:
+                    data = load()
+                except Exception as e:
+                    error = e
+            failed = broadcast_object(None if error is None else str(error))
+            if error is not None:
+                raise error
+            if failed is not None:
+                raise RuntimeError(f"rank 0 could not load the dataset: {failed}")
+        if data is None:
+            data = load()
         return data.to(self.device)
 
     def _bcn_setter(self) -> Callable[[], None] | None:
@@ -428,18 +563,60 @@ class Trainer:
         self._sum_std = s["std"].to(self.device)
         self._sum_correct = s["correct"].to(self.device)
         self._seen, self._steps_since_eval = k["seen"], k["steps_since_eval"]
+        if not self.dist.is_main:  # the checkpoint holds the global sums: rank 0 keeps them
+            self._sum_loss.zero_()
+            self._sum_std.zero_()
+            self._sum_correct.zero_()
+            self._seen = 0
         restore_rng(ck["rng"], self.data_gen)
-        # metrics.jsonl: keep exactly the records the checkpoint had seen
-        assert self.run_dir is not None
-        records = read_metrics(self.run_dir)[: k["metrics_lines"]]
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write_text(self.run_dir / METRICS, text)
+        # metrics.jsonl: keep exactly the records the checkpoint had seen (read by rank 0)
+        records = ck["records"]
+        if self._writer:
+            assert self.run_dir is not None
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            atomic_write_text(self.run_dir / METRICS, text)
         self.history = records
         self.log(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch})")
 
     def save(self) -> None:
+        """Write the checkpoint (rank 0; in a multi-process run every process must call it)."""
         if self.run_dir is not None and self.config.run.save_checkpoints:
-            save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
+            if self.dist.enabled:
+                self._globalize_sums()
+            if self._writer:
+                save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
+
+    # ------------------------------------------------------------------ multi-process helpers
+
+    def _all_sums(self) -> tuple[float, float, float, int]:
+        """(train loss sum, std-loss sum, correct, seen) over every process (one all-reduce)."""
+        t = torch.stack(
+            [
+                self._sum_loss.double(),
+                self._sum_std.double(),
+                self._sum_correct.double(),
+                torch.tensor(float(self._seen), dtype=torch.float64, device=self.device),
+            ]
+        )
+        if self.dist.enabled:
+            torch.distributed.all_reduce(t)
+        loss, std, correct, seen = t.tolist()
+        return loss, std, correct, round(seen)
+
+    def _globalize_sums(self) -> None:
+        """Make rank 0 hold the global train sums and the other processes zero (their sum is
+        unchanged), so a checkpoint written by rank 0 holds the global ones."""
+        loss, std, correct, seen = self._all_sums()
+        keep = self.dist.is_main
+        self._sum_loss.fill_(loss if keep else 0.0)
+        self._sum_std.fill_(std if keep else 0.0)
+        self._sum_correct.fill_(round(correct) if keep else 0)
+        self._seen = seen if keep else 0
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers on every process (as DDP does before each training forward)."""
+        for b in self.model.buffers():
+            torch.distributed.broadcast(b, 0)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -450,9 +627,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, x: Tensor | None = None, y: Tensor | None = None) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on ``(x, y)`` (default: the test split) in eval mode."""
+        """Mean cross-entropy and accuracy on ``(x, y)`` (default: the test split) in eval mode.
+
+        In a multi-process run every process must call it: each evaluates its contiguous shard
+        with rank 0's buffers and the sums are all-reduced."""
         x = self.data.test_x if x is None else x
         y = self.data.test_y if y is None else y
+        n_total = int(x.shape[0])
+        if self.dist.enabled:
+            world, rank = self.dist.world_size, self.dist.rank
+            x, y = shard(x, world, rank), shard(y, world, rank)
+            self._sync_buffers()
         was_training = self.model.training
         self.model.eval()
         loss = torch.zeros((), device=self.device)
@@ -462,14 +647,19 @@ class Trainer:
             for i in range(0, x.shape[0], bs):
                 xb, yb = x[i : i + bs], y[i : i + bs]
                 with self._autocast():
-                    out = self.forward_model(xb)
+                    out = self.eval_model(xb)
                 loss += F.cross_entropy(out.float(), yb, reduction="sum")
                 correct += (out.argmax(1) == yb).sum()
         finally:
             self.model.train(was_training)
             if self.std_loss is not None:
                 self.std_loss.reset()
-        n = max(int(x.shape[0]), 1)
+        n = max(n_total, 1)
+        if self.dist.enabled:
+            both = torch.stack([loss.double(), correct.double()])
+            torch.distributed.all_reduce(both)
+            total_loss, total_correct = both.tolist()
+            return total_loss / n, round(total_correct) / n
         return loss.item() / n, correct.item() / n
 
     def _record(self) -> dict[str, Any]:
@@ -478,17 +668,22 @@ class Trainer:
         now = time.perf_counter()
         self.train_time += now - self._t_seg
         test_loss, test_acc = self.evaluate()
-        seen = max(self._seen, 1)
+        if self.dist.enabled:  # the global train sums
+            sum_loss, sum_std, sum_correct, n_seen = self._all_sums()
+        else:
+            sum_loss, sum_std = self._sum_loss.item(), self._sum_std.item()
+            sum_correct, n_seen = self._sum_correct.item(), self._seen
+        seen = max(n_seen, 1)
         rec: dict[str, Any] = {
             "step": self.step,
             "epoch": round(self.epoch + self.pos / self.steps_per_epoch, 6),
             "lr": self.last_lr,
-            "train_loss": _finite(self._sum_loss.item() / seen) if self._seen else None,
-            "train_acc": self._sum_correct.item() / seen if self._seen else None,
+            "train_loss": _finite(sum_loss / seen) if n_seen else None,
+            "train_acc": round(sum_correct) / seen if n_seen else None,
         }
         if self.std_loss is not None:
             steps = max(self._steps_since_eval, 1)
-            rec["std_loss"] = _finite(self._sum_std.item() / steps)
+            rec["std_loss"] = _finite(sum_std / steps)
         rec["test_loss"] = _finite(test_loss)
         rec["test_acc"] = test_acc
         rec["time"] = round(self.elapsed + (time.perf_counter() - self._t_start), 4)
@@ -496,7 +691,8 @@ class Trainer:
         if test_acc > self.best_acc:
             self.best_acc, self.best_step = test_acc, self.step
         self.history.append(rec)
-        if self.run_dir is not None:
+        if self._writer:
+            assert self.run_dir is not None
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
         self._reset_sums()
@@ -517,22 +713,33 @@ class Trainer:
         if self._bcn is not None:
             self._bcn()
         self.optimizer.zero_grad(set_to_none=True)
-        for idx in group:
-            x = self.data.train_x[idx]
-            y = self.data.train_y[idx]
-            if c.data.augment:
+        world, rank = self.dist.world_size, self.dist.rank
+        for j, idx in enumerate(group):  # idx: a global micro-batch; this process takes its share
+            if c.data.augment:  # augment the global batch (shared generator), keep the share
                 from normlab.data import augment
 
-                x = augment(x, pad=c.data.pad, flip=c.data.flip, generator=self.data_gen)
-            with self._autocast():
-                out = self.forward_model(x)
-                task = F.cross_entropy(out.float(), y, label_smoothing=c.train.label_smoothing)
-                loss = task
-                if self.std_loss is not None:
-                    std = self.std_loss.loss()
-                    loss = loss + std
-                    self._sum_std += std.detach().float() / len(group)
-            self.scaler.scale(loss / len(group)).backward()
+                x = augment(
+                    self.data.train_x[idx],
+                    pad=c.data.pad,
+                    flip=c.data.flip,
+                    generator=self.data_gen,
+                )
+                x, y = shard(x, world, rank), shard(self.data.train_y[idx], world, rank)
+            else:
+                local = shard(idx, world, rank)
+                x, y = self.data.train_x[local], self.data.train_y[local]
+            last = j == len(group) - 1  # DDP all-reduces the gradients once per step
+            with nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                with self._autocast():
+                    out = self.forward_model(x)
+                    task = F.cross_entropy(out.float(), y, label_smoothing=c.train.label_smoothing)
+                    # share-weighted, so DDP's average is the global batch's mean loss
+                    loss = task if world == 1 else task * (y.shape[0] * world / idx.shape[0])
+                    if self.std_loss is not None:
+                        std = self.std_loss.loss()
+                        loss = loss + std
+                        self._sum_std += std.detach().float() / (len(group) * world)
+                self.scaler.scale(loss / len(group)).backward()
             self._sum_loss += task.detach().float() * y.shape[0]
             self._sum_correct += (out.detach().argmax(1) == y).sum()
             self._seen += int(y.shape[0])
@@ -547,11 +754,18 @@ class Trainer:
 
     def fit(self) -> RunResult:
         """Train to ``total_steps`` (evaluating, logging and checkpointing on the way)."""
-        c = self.config
         self._t_start = self._t_seg = time.perf_counter()
         self.model.train()
+        self._wrap_ddp()
+        try:
+            return self._fit()
+        finally:
+            self._unwrap_ddp()
+
+    def _fit(self) -> RunResult:
+        c = self.config
         bar = None
-        if progress_enabled(c.run.progress):
+        if self.dist.is_main and progress_enabled(c.run.progress):
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -606,7 +820,8 @@ class Trainer:
             self._record()
             self.save()
         summary = self.summary()
-        if self.run_dir is not None:
+        if self._writer:
+            assert self.run_dir is not None
             atomic_write_json(self.run_dir / "summary.json", summary)
         if self.std_loss is not None:
             # the returned model must not keep accumulating loss graphs in later training forwards
@@ -646,6 +861,7 @@ class Trainer:
             "time_per_step": self.train_time / max(self.step, 1),
             "params": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device),
+            "world_size": self.dist.world_size,
         }
 
 
