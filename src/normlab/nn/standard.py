@@ -184,6 +184,9 @@ class LayerNorm(GroupNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(num_features, 1, eps, affine)
 
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
 
 @register_norm("in", "instance normalization: one group per channel, no running statistics")
 class InstanceNorm(GroupNorm):
@@ -197,3 +200,6 @@ class InstanceNorm(GroupNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(num_features, num_features, eps, affine)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
