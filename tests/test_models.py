@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import normlab
-from normlab.models import PLACEMENTS, available_models, create, inception_branch_ends, placement
+from normlab.models import (
+    PLACEMENTS,
+    available_models,
+    create,
+    inception_branch_ends,
+    make_conv,
+    placement,
+)
 
 # Reduced builds: (create kwargs, input shape). Small widths/depths and tiny inputs keep the
 # norm sweep fast; the full-size builds are checked separately (parameter counts, shapes).
@@ -61,7 +69,7 @@ def test_every_model_has_a_reduced_config():
     assert set(available_models()) == set(REDUCED)
 
 
-def run_forward_backward(name: str, norm, conv: str = "plain") -> nn.Module:
+def run_forward_backward(name: str, norm, conv="plain") -> nn.Module:
     kw, shape = REDUCED[name]
     torch.manual_seed(0)
     model = create(name, norm=norm, conv=conv, **kw)
@@ -108,6 +116,121 @@ def test_model_with_weight_standardization(name):
         assert ws and not convs
     else:
         assert any(isinstance(m, normlab.WSLinear) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------- conv specs
+# 004 Table 4's ablation: "- mean" (Eq. 11 only) = ws(scale=false), "/ std" (Eq. 12 only) =
+# ws(center=false), each threaded to every WS layer of every model.
+CONV_SPECS = [
+    ("ws(center=false)", dict(center=False, scale=True, eps=1e-5)),
+    ("ws(scale=false)", dict(center=True, scale=False, eps=1e-5)),
+    ({"name": "ws", "center": False, "eps": 1e-4}, dict(center=False, scale=True, eps=1e-4)),
+]
+
+
+def _ws_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, normlab.WSConv2d | normlab.WSLinear)]
+
+
+def _np_standardized(w: torch.Tensor, center: bool, scale: bool, eps: float) -> np.ndarray:
+    """Hand-written oracle of Ŵ: per output unit, optional mean subtraction (Eq. 11) and optional
+    division by the population standard deviation with eps inside the root (Eq. 7)."""
+    a = w.detach().double().numpy().reshape(w.shape[0], -1)
+    mu = a.mean(axis=1, keepdims=True)
+    out = a - mu if center else a.copy()
+    if scale:
+        out = out / np.sqrt(a.var(axis=1, keepdims=True) + eps)
+    return out.reshape(w.shape)
+
+
+@pytest.mark.parametrize("spec_flags", CONV_SPECS, ids=lambda s: str(s[0]))
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_model_with_conv_spec(name, spec_flags):
+    spec, flags = spec_flags
+    model = run_forward_backward(name, "gn", conv=spec)
+    ws = _ws_layers(model)
+    assert ws, "the conv spec must produce WS layers"
+    for m in ws:
+        assert (m.center, m.scale, m.eps) == (flags["center"], flags["scale"], flags["eps"])
+    # the same layers become WS as with plain conv="ws" (every conv; an MLP's hidden linears)
+    torch.manual_seed(0)
+    full = create(name, norm="gn", conv="ws", **REDUCED[name][0])
+    assert [n for n, m in model.named_modules() if m in ws] == [
+        n for n, m in full.named_modules() if isinstance(m, normlab.WSConv2d | normlab.WSLinear)
+    ]
+    if name != "mlp":
+        assert not [m for m in model.modules() if type(m) is nn.Conv2d]
+    # the layer really uses the ablated weight, against a numpy oracle
+    m = ws[0]
+    np.testing.assert_allclose(
+        m.standardized_weight().detach().double().numpy(),
+        _np_standardized(m.weight, **flags),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_conv_spec_forms_agree_and_plain_is_unchanged():
+    kw, shape = REDUCED["resnet_cifar"]
+    x = torch.randn(*shape)
+    outs = []
+    for spec in ("ws", "ws(center=true, scale=true)", {"name": "ws"}, "WS(eps=1e-5)"):
+        torch.manual_seed(0)
+        model = create("resnet_cifar", norm="gn", conv=spec, **kw).eval()
+        outs.append(model(x))
+    for y in outs[1:]:
+        torch.testing.assert_close(y, outs[0], rtol=0, atol=0)
+    torch.manual_seed(0)
+    plain = create("resnet_cifar", norm="gn", conv="plain", **kw)
+    assert not _ws_layers(plain) and any(type(m) is nn.Conv2d for m in plain.modules())
+    # the two ablations differ from full WS and from each other
+    ys = {}
+    for spec in ("ws(center=false)", "ws(scale=false)"):
+        torch.manual_seed(0)
+        ys[spec] = create("resnet_cifar", norm="gn", conv=spec, **kw).eval()(x)
+    assert not torch.allclose(ys["ws(center=false)"], outs[0])
+    assert not torch.allclose(ys["ws(scale=false)"], outs[0])
+    assert not torch.allclose(ys["ws(center=false)"], ys["ws(scale=false)"])
+
+
+def test_make_conv_and_make_linear_take_conv_specs():
+    from normlab.models._blocks import make_linear
+
+    c = make_conv(4, 6, 3, conv="ws(scale=false, eps=0.001)")
+    assert isinstance(c, normlab.WSConv2d) and (c.center, c.scale, c.eps) == (True, False, 1e-3)
+    assert type(make_conv(4, 6, 3, conv="plain")) is nn.Conv2d
+    lin = make_linear(4, 6, ws="ws(center=false)")
+    assert isinstance(lin, normlab.WSLinear) and (lin.center, lin.scale) == (False, True)
+    assert type(make_linear(4, 6, ws="plain")) is nn.Linear
+    assert type(make_linear(4, 6, ws=True)) is normlab.WSLinear
+    assert type(make_linear(4, 6)) is nn.Linear
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        ("ws(centre=false)", ["centre", "False", "eps", "center", "scale"]),
+        ("ws(center=1)", ["center", "1", "true or false", "eps, center, scale"]),
+        ("ws(scale=maybe)", ["scale", "maybe"]),
+        ("ws(eps=-1)", ["eps", "-1", "non-negative"]),
+        ("ws(eps=true)", ["eps", "True"]),
+        ("plain(eps=1e-4)", ["plain", "eps", "no arguments"]),
+        ("octave", ["octave", "plain", "ws"]),
+        ("ws(center=", ["ws(center=", "conv spec"]),
+        ("ws(false)", ["keyword", "conv spec"]),
+        ({"name": "ws", "mean": False}, ["mean", "eps, center, scale"]),
+        ({"center": False}, ["name", "conv spec"]),
+        (3, ["conv", "int"]),
+    ],
+)
+def test_bad_conv_spec_names_the_problem(spec, needles):
+    with pytest.raises(ValueError) as ei:
+        create("small_cnn", 10, 1, conv=spec)
+    msg = str(ei.value)
+    assert msg.startswith("conv:"), msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    assert "norm spec" not in msg
 
 
 def test_unknown_model_and_bad_arguments():

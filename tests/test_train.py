@@ -125,6 +125,9 @@ def test_nested_override_into_kwargs():
         ("model.norm=nosuchnorm", "model.norm"),
         ("model.norm=gn(num_groups=", "model.norm"),
         ("model.conv=fancy", "model.conv"),
+        ("model.conv=ws(centre=false)", "model.conv"),
+        ("model.conv=plain(eps=0.1)", "model.conv"),
+        ("model.conv=3", "model.conv"),
         ("model.name=resnet9000", "model.name"),
         ("data.name=imagenet22k", "data.name"),
         ("schedule.milestones=[0.8, 0.5]", "schedule.milestones"),
@@ -314,6 +317,57 @@ def test_build_model_placement_and_ws():
     cfg = load_config(None, ["model.norm=gn", "model.include=layer9.*"])
     with pytest.raises(ConfigError, match=r"model\.include"):
         build_model(cfg.model, 10, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "flags"),
+    [
+        ("model.conv=ws(center=false)", (False, True, 1e-5)),
+        ("model.conv=ws(scale=false)", (True, False, 1e-5)),
+        ("model.conv=ws(eps=1e-4)", (True, True, 1e-4)),
+        ('model.conv={name="ws", center=false, eps=0.001}', (False, True, 1e-3)),
+    ],
+)
+def test_conv_spec_in_the_config_reaches_every_ws_layer(override, flags):
+    cfg = load_config(None, [override])
+    model = build_model(cfg.model, num_classes=10, in_channels=1)
+    ws = [m for m in model.modules() if isinstance(m, normlab.WSConv2d)]
+    assert ws and not [m for m in model.modules() if type(m) is nn.Conv2d]
+    assert {(m.center, m.scale, m.eps) for m in ws} == {flags}
+    # the spec survives a TOML round trip (the run directory's config.toml)
+    again = config_from_dict(tomllib.loads(dump_toml(cfg)))
+    assert again.model.conv == cfg.model.conv
+
+
+def test_plain_and_ws_conv_unchanged():
+    for conv, cls in (("plain", nn.Conv2d), ("ws", normlab.WSConv2d)):
+        cfg = load_config(None, [f"model.conv={conv}"])
+        assert cfg.model.conv == conv
+        model = build_model(cfg.model, 10, 1)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(type(m) is cls for m in convs)
+        if cls is normlab.WSConv2d:
+            assert all((m.center, m.scale, m.eps) == (True, True, 1e-5) for m in convs)
+
+
+@pytest.mark.parametrize(
+    ("conv", "needles"),
+    [
+        ("ws(centre=false)", ["centre", "eps, center, scale"]),
+        ("ws(center=1)", ["center", "1", "true or false"]),
+        ("ws(eps=-0.5)", ["eps", "-0.5"]),
+        ("ws(center=", ["conv spec"]),
+        ({"name": "ws", "offset": 1}, ["offset", "eps, center, scale"]),
+        ({"name": "octave"}, ["octave", "'plain', 'ws'"]),
+    ],
+)
+def test_bad_conv_spec_is_rejected_naming_model_conv(conv, needles):
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict({"model": {"conv": conv}})
+    msg = str(ei.value)
+    assert msg.startswith("model.conv:"), msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
 
 
 # ---------------------------------------------------------------------------------- the loop

@@ -8,7 +8,9 @@
     normlab.convert(model, "mode(k=2)", include="layer3.*")
 
 Every normalization slot is ``normlab.make_norm(norm, C)``; every convolution is ``nn.Conv2d`` or
-``normlab.WSConv2d`` (``conv="ws"``). See :func:`available_models` / :func:`model_descriptions`.
+``normlab.WSConv2d`` (``conv="ws"``, or ``"ws(center=false)"`` / ``"ws(scale=false)"`` /
+``"ws(eps=1e-4)"`` for the 004 Table 4 ablation). See :func:`available_models` /
+:func:`model_descriptions`.
 """
 
 from normlab.models import dcgan, densenet, inception, resnet, small, vgg  # noqa: F401  (registers the models)

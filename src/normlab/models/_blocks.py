@@ -1,14 +1,28 @@
 """Building blocks shared by every architecture: one conv factory, one Conv-Norm-Act block.
 
 Every normalization slot is built by :func:`normlab.make_norm` from the model's norm spec, and every
-convolution by :func:`make_conv`, so ``conv="ws"`` turns every convolution of a model into a
-:class:`normlab.WSConv2d` (004 Sec. 4) and the module names line up across models:
-``<block>.conv``, ``<block>.norm``, ``<block>.act``.
+convolution by :func:`make_conv` from the model's *conv spec*, so ``conv="ws"`` turns every
+convolution of a model into a :class:`normlab.WSConv2d` (004 Sec. 4) and the module names line up
+across models: ``<block>.conv``, ``<block>.norm``, ``<block>.act``.
+
+A conv spec is written like a norm spec (parsed by :func:`normlab.registry.parse_spec`)::
+
+    "plain"                      # nn.Conv2d
+    "ws"                         # WSConv2d, Eq. 5-7 (Eq. 11 and 12)
+    "ws(scale=false)"            # centering only, "- mean" of 004 Table 4 (Eq. 11)
+    "ws(center=false)"           # scaling only, "/ std" of 004 Table 4 (Eq. 12)
+    "ws(eps=1e-4)"
+    {"name": "ws", "center": False}
+
+The ``ws`` keywords are the WS layers' own: ``eps``, ``center``, ``scale``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -17,7 +31,9 @@ from normlab.registry import NormSpec, make_norm, parse_spec
 
 __all__ = [
     "CONV_KINDS",
+    "WS_KWARGS",
     "ConvNormAct",
+    "ConvSpec",
     "LinearNormAct",
     "Named",
     "NormActConv",
@@ -28,16 +44,68 @@ __all__ = [
     "make_act",
     "make_conv",
     "make_linear",
+    "parse_conv",
     "scaled",
 ]
 
 CONV_KINDS = ("plain", "ws")
+WS_KWARGS = ("eps", "center", "scale")
+
+ConvSpec = str | Mapping[str, Any]
+
+_CONV_HELP = (
+    f"valid conv specs: 'plain', 'ws' or 'ws(key=value, ...)' with the keyword arguments "
+    f"{', '.join(WS_KWARGS)} (eps a non-negative number, center and scale true or false)"
+)
 
 
-def check_conv_kind(conv: str) -> str:
-    if conv not in CONV_KINDS:
-        raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
-    return conv
+def parse_conv(conv: ConvSpec) -> tuple[str, dict[str, Any]]:
+    """Split and validate a conv spec: ``("plain", {})`` or ``("ws", kwargs)`` where ``kwargs``
+    holds only the given ones of ``eps`` (a non-negative number), ``center``, ``scale`` (true or
+    false). Raises ``ValueError`` naming the spec, the key, the value and what is allowed."""
+    if isinstance(conv, str) and conv in CONV_KINDS:  # the common case, no parsing
+        return conv, {}
+    try:
+        name, kwargs = parse_spec(conv)
+    except (ValueError, TypeError) as e:
+        # parse_spec speaks of norm specs; the grammar is the same for conv specs.
+        msg = str(e).replace("norm spec", "conv spec")
+        raise ValueError(f"conv: {msg}; {_CONV_HELP}") from None
+    if name not in CONV_KINDS:
+        raise ValueError(
+            f"conv: unknown convolution kind {name!r} in conv spec {conv!r}; {_CONV_HELP}"
+        )
+    if name == "plain":
+        if kwargs:
+            raise ValueError(
+                f"conv: 'plain' takes no arguments, got {kwargs} in conv spec {conv!r}; "
+                f"{_CONV_HELP}"
+            )
+        return name, {}
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in WS_KWARGS:
+            problem = f"unknown argument {key}={value!r}"
+        elif key == "eps":
+            ok = (
+                not isinstance(value, bool)
+                and isinstance(value, int | float)
+                and math.isfinite(value)
+                and value >= 0
+            )
+            problem = "" if ok else f"eps must be a finite non-negative number, got {value!r}"
+        else:
+            ok = isinstance(value, bool)
+            problem = "" if ok else f"{key} must be true or false, got {value!r}"
+        if problem:
+            raise ValueError(f"conv: {problem} in conv spec {conv!r}; {_CONV_HELP}")
+        out[key] = float(value) if key == "eps" else value
+    return name, out
+
+
+def check_conv_kind(conv: ConvSpec) -> str:
+    """Validate a conv spec (:func:`parse_conv`) and return its kind, ``"plain"`` or ``"ws"``."""
+    return parse_conv(conv)[0]
 
 
 def conv_bias(norm: NormSpec | None) -> bool:
@@ -53,27 +121,31 @@ def make_conv(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     bias: bool = False,
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     groups: int = 1,
 ) -> nn.Conv2d:
-    """``nn.Conv2d`` for ``conv="plain"``, :class:`normlab.WSConv2d` for ``conv="ws"``."""
-    cls = WSConv2d if check_conv_kind(conv) == "ws" else nn.Conv2d
-    return cls(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=padding,
-        bias=bias,
-        groups=groups,
-    )
+    """``nn.Conv2d`` for ``conv="plain"``, :class:`normlab.WSConv2d` for a ``"ws"`` conv spec
+    (its ``eps``/``center``/``scale`` passed on, e.g. ``conv="ws(center=false)"``)."""
+    kind, kwargs = parse_conv(conv)
+    common = dict(stride=stride, padding=padding, bias=bias, groups=groups)
+    if kind == "ws":
+        return WSConv2d(in_channels, out_channels, kernel_size, **common, **kwargs)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, **common)
 
 
 def make_linear(
-    in_features: int, out_features: int, bias: bool = True, ws: bool = False
+    in_features: int, out_features: int, bias: bool = True, ws: bool | ConvSpec = False
 ) -> nn.Linear:
-    """``nn.Linear``, or :class:`normlab.WSLinear` when ``ws`` (only where a paper does so)."""
-    return (WSLinear if ws else nn.Linear)(in_features, out_features, bias=bias)
+    """``nn.Linear``, or :class:`normlab.WSLinear` (only where a paper does so) when ``ws`` is
+    True or a ``"ws"`` conv spec (then with its ``eps``/``center``/``scale``); ``False`` or
+    ``"plain"`` give ``nn.Linear``."""
+    if isinstance(ws, bool):
+        kind, kwargs = ("ws" if ws else "plain"), {}
+    else:
+        kind, kwargs = parse_conv(ws)
+    if kind == "ws":
+        return WSLinear(in_features, out_features, bias=bias, **kwargs)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 def make_act(act: str | None) -> nn.Module:
@@ -111,7 +183,7 @@ class ConvNormAct(nn.Sequential):
         stride: int = 1,
         padding: int | tuple[int, int] | None = None,
         norm: NormSpec | None = "bn",
-        conv: str = "plain",
+        conv: ConvSpec = "plain",
         act: str | None = "relu",
         bias: bool | None = None,
     ) -> None:
@@ -149,7 +221,7 @@ class NormActConv(nn.Sequential):
         stride: int = 1,
         padding: int | tuple[int, int] | None = None,
         norm: NormSpec = "bn",
-        conv: str = "plain",
+        conv: ConvSpec = "plain",
         act: str | None = "relu",
         bias: bool = False,
     ) -> None:
@@ -173,7 +245,10 @@ class NormActConv(nn.Sequential):
 
 
 class LinearNormAct(nn.Sequential):
-    """``fc -> norm -> act`` for MLPs, children ``fc``, ``norm``, ``act`` (norm sees ``(N, C)``)."""
+    """``fc -> norm -> act`` for MLPs, children ``fc``, ``norm``, ``act`` (norm sees ``(N, C)``).
+
+    ``ws`` (True or a ``"ws"`` conv spec) makes ``fc`` a :class:`normlab.WSLinear`
+    (:func:`make_linear`)."""
 
     def __init__(
         self,
@@ -181,7 +256,7 @@ class LinearNormAct(nn.Sequential):
         out_features: int,
         norm: NormSpec | None = "bn",
         act: str | None = "relu",
-        ws: bool = False,
+        ws: bool | ConvSpec = False,
     ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["fc"] = make_linear(in_features, out_features, bias=conv_bias(norm), ws=ws)

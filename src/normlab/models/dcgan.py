@@ -19,8 +19,9 @@ with norm and LeakyReLU(0.2) except the first (no norm), then ``fc`` on the flat
 Three ways to build it: ``create("dcgan_g", ...)``, ``create("dcgan_d", ...)`` or
 ``create("dcgan", ..., g_norm=..., d_norm=...)`` — one module :class:`DCGAN` holding ``generator``
 and ``discriminator`` (names ``generator.deconv1.norm``, …) whose ``forward(z)`` generates.
-``conv="ws"`` weight-standardizes the ``nn.Conv2d`` layers (all of D, and G's last layer); the
-transposed convolutions stay plain (normlab has no weight-standardized transposed convolution).
+``conv="ws"`` (or any ``"ws(...)"`` conv spec) weight-standardizes the ``nn.Conv2d`` layers (all
+of D, and G's last layer); the transposed convolutions stay plain (normlab has no
+weight-standardized transposed convolution).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from normlab.models._blocks import (
     ConvNormAct,
+    ConvSpec,
     Named,
     check_positive,
     conv_bias,
@@ -91,7 +93,7 @@ def dcgan_generator(
     num_classes: int = 1,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     z_dim: int = 128,
     width: float = 1.0,
     image_size: int = 32,
@@ -136,7 +138,7 @@ def dcgan_discriminator(
     num_classes: int = 1,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     image_size: int = 32,
 ) -> nn.Module:
@@ -192,7 +194,7 @@ def dcgan(
     num_classes: int = 1,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     g_norm: NormSpec | None = None,
     d_norm: NormSpec | None = None,
     z_dim: int = 128,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.models._blocks import (
+    ConvSpec,
     Named,
     NormActConv,
     check_positive,
@@ -48,7 +49,7 @@ def densenet(
     num_classes: int = 100,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     depth: int = 40,
     growth: int = 12,
     init_channels: int | None = None,

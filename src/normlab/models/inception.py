@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.models._blocks import ConvNormAct, Named, init_weights, scaled
+from normlab.models._blocks import ConvNormAct, ConvSpec, Named, init_weights, scaled
 from normlab.models.registry import register_model
 from normlab.registry import NormSpec
 
@@ -110,7 +110,7 @@ def inception_v3_cifar(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     dropout: float = 0.2,
     pad_reductions: bool = False,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from normlab.models._blocks import check_conv_kind
+from normlab.models._blocks import ConvSpec, parse_conv
 from normlab.registry import NormSpec, parse_spec
 
 __all__ = ["available_models", "create", "model_descriptions", "register_model"]
@@ -48,12 +48,15 @@ def create(
     num_classes: int,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     **kw: object,
 ) -> nn.Module:
     """Build architecture ``name`` with every normalization slot ``make_norm(norm, C)`` and every
-    convolution plain or weight-standardized (``conv="ws"``). ``kw`` are the model's own knobs
-    (``width``, ``depth``, ``growth``, ...); unknown names raise ``ValueError`` listing the valid ones.
+    convolution plain or weight-standardized per the conv spec ``conv`` (``"plain"``, ``"ws"``,
+    ``"ws(center=false)"``, ``{"name": "ws", "scale": False}``, ... — see
+    :func:`normlab.models._blocks.parse_conv`; MLPs apply it to their hidden linear layers).
+    ``kw`` are the model's own knobs (``width``, ``depth``, ``growth``, ...); unknown names raise
+    ``ValueError`` listing the valid ones, and so does a bad conv spec (naming the key and value).
     """
     _ensure_loaded()
     if not isinstance(name, str) or name not in _MODELS:
@@ -61,7 +64,7 @@ def create(
     for nm, v in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: {nm} must be a positive integer, got {v!r}")
-    check_conv_kind(conv)
+    parse_conv(conv)  # fail early on a malformed conv spec
     parse_spec(norm)  # fail early on a malformed spec
     fn, _ = _MODELS[name]
     params = inspect.signature(fn).parameters

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from normlab.models._blocks import (
     ConvNormAct,
+    ConvSpec,
     Named,
     NormActConv,
     check_positive,
@@ -69,7 +70,7 @@ class BasicBlock(nn.Module):
         out_channels: int,
         stride: int,
         norm: NormSpec,
-        conv: str,
+        conv: ConvSpec,
         shortcut: str = "B",
     ) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ class BasicBlock(nn.Module):
 
 
 def _stage(
-    blocks: int, cin: int, cout: int, stride: int, norm: NormSpec, conv: str, shortcut: str
+    blocks: int, cin: int, cout: int, stride: int, norm: NormSpec, conv: ConvSpec, shortcut: str
 ) -> nn.Sequential:
     return nn.Sequential(
         *[
@@ -107,7 +108,7 @@ def resnet_cifar(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     depth: int = 20,
     width: float = 1.0,
     shortcut: str = "A",
@@ -149,7 +150,7 @@ def resnet18_cifar(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     blocks: tuple[int, ...] | list[int] = (2, 2, 2, 2),
 ) -> nn.Module:
@@ -194,7 +195,7 @@ class WideBlock(nn.Module):
         out_channels: int,
         stride: int,
         norm: NormSpec,
-        conv: str,
+        conv: ConvSpec,
         dropout: float,
     ) -> None:
         super().__init__()
@@ -220,7 +221,7 @@ def wrn(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     depth: int = 28,
     widen: int | float = 10,
     dropout: float = 0.0,

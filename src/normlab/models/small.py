@@ -13,6 +13,7 @@ from torch import nn
 
 from normlab.models._blocks import (
     ConvNormAct,
+    ConvSpec,
     LinearNormAct,
     Named,
     check_positive,
@@ -43,7 +44,7 @@ def small_cnn(
     num_classes: int = 10,
     in_channels: int = 1,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
 ) -> nn.Module:
     """conv1 (32, 3×3) → conv2 (64, 3×3) → ``pool2`` 2×2 max-pool → conv3 (64, 3×3) → global
@@ -69,7 +70,7 @@ def cifar_cnn(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
 ) -> nn.Module:
     """The CIFAR CNN of 000 Table 1.
@@ -117,7 +118,7 @@ def lenet(
     num_classes: int = 40,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     image_size: int = 32,
     padding: int = 0,
@@ -165,7 +166,7 @@ def nin(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     dropout: float = 0.25,
 ) -> nn.Module:
@@ -214,7 +215,7 @@ def cnn3(
     num_classes: int = 10,
     in_channels: int = 1,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     image_size: int = 28,
 ) -> nn.Module:
@@ -248,7 +249,7 @@ def mlp(
     num_classes: int = 10,
     in_channels: int = 1,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     depth: int = 3,
     hidden: int = 100,
     image_size: int = 28,
@@ -261,8 +262,9 @@ def mlp(
     number of neurons in each hidden layer is 100" → read the same way as four hidden layers,
     ``depth=4`` (the paper is ambiguous whether the output layer is counted; ``depth=3`` is the
     other reading). The norms see ``(N, hidden)`` input. Input size is ``in_features`` or
-    ``in_channels * image_size**2``. ``conv="ws"`` makes the hidden linear layers
-    :class:`normlab.WSLinear` (an MLP has no convolution; the classifier stays plain).
+    ``in_channels * image_size**2``. A ``"ws"`` conv spec (``conv="ws"``,
+    ``"ws(center=false)"``, ...) makes the hidden linear layers :class:`normlab.WSLinear` with its
+    ``eps``/``center``/``scale`` (an MLP has no convolution; the classifier stays plain).
     """
     check_positive(depth, "depth", "mlp")
     check_positive(hidden, "hidden", "mlp")
@@ -273,7 +275,7 @@ def mlp(
         layers.append(
             (
                 f"layer{i + 1}",
-                LinearNormAct(d_in if i == 0 else hidden, hidden, norm=norm, ws=conv == "ws"),
+                LinearNormAct(d_in if i == 0 else hidden, hidden, norm=norm, ws=conv),
             )
         )
     layers.append(("fc", make_linear(hidden, num_classes)))
@@ -287,7 +289,7 @@ def convnet4(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     width: float = 1.0,
     pool: bool = True,
 ) -> nn.Module:

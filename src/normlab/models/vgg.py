@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from normlab.models._blocks import ConvNormAct, Named, check_positive, init_weights, scaled
+from normlab.models._blocks import (
+    ConvNormAct,
+    ConvSpec,
+    Named,
+    check_positive,
+    init_weights,
+    scaled,
+)
 from normlab.models.registry import register_model
 from normlab.registry import NormSpec
 
@@ -31,7 +38,7 @@ def vgg(
     num_classes: int = 10,
     in_channels: int = 3,
     norm: NormSpec = "bn",
-    conv: str = "plain",
+    conv: ConvSpec = "plain",
     depth: int = 13,
     width: float = 1.0,
 ) -> nn.Module:

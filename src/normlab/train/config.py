@@ -112,10 +112,11 @@ class ModelConfig:
         default_factory=lambda: [],
         metadata=_meta("glob pattern(s) of norm slots that keep `base_norm`"),
     )
-    conv: str = field(
+    conv: str | dict = field(
         default="plain",
         metadata=_meta(
-            "convolutions: 'plain' or 'ws' (Weight Standardization)", choices=("plain", "ws")
+            "conv spec: 'plain', 'ws' (Weight Standardization) or 'ws(center=false)' / "
+            "'ws(scale=false)' / 'ws(eps=1e-4)', or a table {name='ws', center=false}"
         ),
     )
     std_loss_weight: float = field(
@@ -437,6 +438,16 @@ def _check_spec(spec: str | dict, key: str) -> None:
         raise ConfigError(f"{key}: unknown normalization {name!r}; valid names: {', '.join(names)}")
 
 
+def _check_conv(spec: str | dict, key: str) -> None:
+    from normlab.models._blocks import parse_conv
+
+    try:
+        parse_conv(spec)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(f"{key}: {msg.removeprefix('conv: ')}") from None
+
+
 def _cross_checks(c: Config) -> None:
     from normlab.data import available_datasets
 
@@ -457,6 +468,7 @@ def _cross_checks(c: Config) -> None:
             )
     _check_spec(c.model.norm, "model.norm")
     _check_spec(c.model.base_norm, "model.base_norm")
+    _check_conv(c.model.conv, "model.conv")
     _patterns(c.model.include, "model.include")
     _patterns(c.model.exclude, "model.exclude")
     _patterns(c.model.std_loss_include, "model.std_loss_include")
