@@ -144,7 +144,16 @@ def test_mixture_recorder_and_plots(tmp_path):
     assert sum(last["weights"]) == pytest.approx(1.0, abs=1e-5)
     assert last["num_components"] == int(layer.last_num_components)
     assert 1 <= last["effective"] <= 3 and 1 <= last["perplexity"] <= 3
+    # numpy oracles of the two summaries of the weights (000 Sec. 5.3 count; exp of the entropy)
+    lam = np.asarray(last["weights"], dtype=np.float64)
+    assert last["effective"] == int(np.sum(lam >= 0.01))
+    p = lam / lam.sum()
+    p = p[p > 0]
+    assert last["perplexity"] == pytest.approx(float(np.exp(-np.sum(p * np.log(p)))), rel=1e-9)
     assert np.asarray(last["mean"]).shape == (3, 6)
+    np.testing.assert_allclose(last["mean"], layer.last_mean.double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(last["var"], layer.last_var.double().numpy(), rtol=1e-6)
+    assert [r["step"] for r in rec.history] == [0, 1, 2, 3, 4, 5]
     out1 = plot_effective_components(rec.history, tmp_path / "fig9.png", window=2)
     out2 = plot_mixture_weights(rec.history, tmp_path / "weights.png")
     out3 = plot_mixture_evolution(rec.history, tmp_path / "fig8.png", channels=(0, 5))

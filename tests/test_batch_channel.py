@@ -148,8 +148,13 @@ def test_gradcheck_large_batch():
 def test_constant_input_is_finite():
     for micro in (False, True):
         m = BCNorm(8, num_groups=2, micro_batch=micro, rate=0.1)
+        with torch.no_grad():
+            m.group_bias.copy_(torch.tensor([0.7, -1.3]))
         y = m(torch.full((2, 8, 3, 3), 5.0))
-        assert torch.isfinite(y).all()
+        # every channel is constant and (γ^b = 1, β^b = 0) maps them all to the same value, so
+        # each group is constant: Eq. 42 normalizes it to 0 and the output is the group's β^c
+        expect = m.group_bias.detach().repeat_interleave(4).view(1, 8, 1, 1).expand_as(y)
+        torch.testing.assert_close(y, expect, atol=1e-4, rtol=0)
         y.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 

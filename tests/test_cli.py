@@ -36,6 +36,12 @@ def test_version_and_help(capsys):
     out = capsys.readouterr().out
     for cmd in ("norms", "train", "quickstart"):
         assert cmd in out
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("norms", "train", "quickstart", "run", "report"):
+        assert cmd in out
 
 
 def test_norms_lists_the_registry(capsys):

@@ -80,6 +80,11 @@ def test_other_torch_norm_kinds_are_found():
     )
     names = normlab.convert(model, "bn")
     assert names == ["1", "2", "4"]
+    # a LayerNorm over several dimensions (transformer-style (C, H, W)) has no channel count to
+    # rebuild a per-channel layer from: it is not a normalization layer for convert
+    multi = nn.Sequential(nn.Conv2d(3, 6, 1), nn.LayerNorm([6, 4, 4]), nn.LayerNorm(4))
+    assert normlab.convert(multi, "bn") == ["2"]
+    assert type(multi[1]) is nn.LayerNorm and multi[2].num_features == 4
 
 
 def test_unmatched_include_is_an_error_listing_the_norms():
@@ -100,3 +105,22 @@ def test_convert_to_none_gives_identity_that_can_be_converted_back():
     x = torch.randn(2, 8, 4, 4)
     assert torch.equal(model.conv2.norm(x[:, :8].repeat(1, 2, 1, 1)), x[:, :8].repeat(1, 2, 1, 1))
     assert normlab.convert(model, "bn", include="conv2.*") == ["conv2.norm"]
+
+
+def test_parameter_free_norms_are_replaced_on_the_model_dtype_and_device():
+    # nn.InstanceNorm2d() and normlab's "none" hold no tensor to read a dtype/device from; the
+    # replacement must follow the enclosing model (a float32 BN in a float64 model cannot run)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.InstanceNorm2d(6), nn.ReLU()).double()
+    assert normlab.convert(model, "bn") == ["1"]
+    assert model[1].weight.dtype == torch.float64 and model[1].running_mean.dtype == torch.float64
+    assert model(torch.randn(2, 3, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    # the "none" round trip in a nested float64 model
+    model = CifarLike().double()
+    normlab.convert(model, "none", include="conv2.*")
+    normlab.convert(model, "gn(num_groups=4)", include="conv2.*")
+    assert model.conv2.norm.weight.dtype == torch.float64
+    model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    # the device too (the meta device stands in for a GPU)
+    meta = nn.Sequential(nn.Conv2d(3, 6, 1), normlab.make_norm("none", 6)).to("meta")
+    normlab.convert(meta, "bn")
+    assert meta[1].weight.device.type == "meta" and meta[1].running_var.device.type == "meta"

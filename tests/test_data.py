@@ -131,7 +131,8 @@ def test_synthetic_gaussian_mixture():
         # Sample mean within 5 standard errors of the mode's mean; sample std near the mode's std.
         se = stds[k].item() / pts.shape[0] ** 0.5
         assert (pts.mean(0) - means[k].double()).abs().max() < 5 * se
-        assert abs(pts.std(0).mean().item() - stds[k].item()) < 0.1 * stds[k].item()
+        # ~2000 points x 5 dims: the standard error of the averaged std is < 1 %
+        assert abs(pts.std(0).mean().item() - stds[k].item()) < 0.04 * stds[k].item()
     dd = load_dataset("synthetic", modes=4, num_classes=2)
     assert dd.num_classes == 2 and set(dd.train_y.tolist()) == {0, 1}
 
@@ -149,7 +150,7 @@ def test_channel_stats_and_standardize_match_numpy():
     np.testing.assert_allclose(zn.std(1), 1, atol=1e-4)
     # A constant channel standardizes to 0, not NaN.
     m2, s2 = channel_stats(torch.ones(4, 1, 2, 2))
-    assert torch.isfinite(standardize(torch.ones(4, 1, 2, 2), m2, s2)).all()
+    assert torch.equal(standardize(torch.ones(4, 1, 2, 2), m2, s2), torch.zeros(4, 1, 2, 2))
 
 
 # ---------------------------------------------------------------------------------- augmentation

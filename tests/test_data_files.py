@@ -345,3 +345,77 @@ def test_download_file_verifies_and_renames_atomically(tmp_path):
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     download_file(src.as_uri(), tmp_path / "out" / "sha.bin", sha)
     assert (tmp_path / "out" / "sha.bin").is_file()
+
+
+def test_download_true_fetches_missing_files_into_the_default_root(tmp_path, monkeypatch):
+    # load_dataset(..., download=True) end to end, with file:// URLs standing in for the servers:
+    # the missing files are fetched, checksum-verified and parsed; the root defaults to
+    # $NORMLAB_DATA. A CIFAR archive is fetched and extracted the same way.
+    from normlab.data import files
+
+    served = tmp_path / "served"
+    _, arrays = make_mnist_like(served, "mnist", seed=5)
+    for rel in files.FILES:
+        if rel.startswith("mnist/"):
+            p = served / rel
+            monkeypatch.setitem(files.FILES, rel, files.RemoteFile(p.as_uri(), md5(p)))
+    root = tmp_path / "data-home"
+    monkeypatch.setenv("NORMLAB_DATA", str(root))
+    with pytest.raises(MissingFileError, match=str(root)):  # nothing fetched without download
+        load_dataset("mnist")
+    d = load_dataset("mnist", download=True)
+    assert (root / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file()
+    np.testing.assert_array_equal(d.test_y.numpy(), arrays["t10k"][1])
+    np.testing.assert_allclose(raw(d, d.train_x)[:, 0], arrays["train"][0] / 255, atol=1e-5)
+    # a served file that does not match the official checksum is refused and not kept
+    bad = served / "mnist" / "train-images-idx3-ubyte.gz"
+    monkeypatch.setitem(
+        files.FILES, "mnist/train-images-idx3-ubyte.gz", files.RemoteFile(bad.as_uri(), "0" * 32)
+    )
+    (root / "mnist" / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(ChecksumError):
+        load_dataset("mnist", download=True)
+    assert not (root / "mnist" / "train-images-idx3-ubyte.gz").exists()
+
+    # CIFAR-10: the archive is downloaded, then its members are extracted and verified
+    sums, cifar = make_cifar10(tmp_path / "src")
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(
+        files.FILES, "cifar-10-python.tar.gz", files.RemoteFile(archive.as_uri(), md5(archive))
+    )
+    c = load_dataset("cifar10", download=True, checksums=sums)
+    assert (root / "cifar-10-python.tar.gz").is_file()
+    np.testing.assert_array_equal(c.test_y.numpy(), cifar["test_batch"][1])
+
+
+@pytest.mark.parametrize("has_filter", [True, False])
+def test_extract_refuses_members_outside_root_with_and_without_tarfile_filter(
+    tmp_path, monkeypatch, has_filter
+):
+    import io
+    import tarfile
+
+    from normlab.data.files import _extract
+
+    if not has_filter:  # Python < 3.11.4 has no extraction filters: the manual checks must hold
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def make(path, name):
+        with tarfile.open(path, "w:gz") as tar:
+            data = b"hello"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    good, bad = tmp_path / "good.tar.gz", tmp_path / "bad.tar.gz"
+    make(good, "sub/file.txt")
+    make(bad, "../escape.txt")
+    root = tmp_path / "root"
+    root.mkdir()
+    _extract(good, root)
+    assert (root / "sub" / "file.txt").read_bytes() == b"hello"
+    with pytest.raises(Exception, match=r"escape|outside|unsafe"):
+        _extract(bad, root)
+    assert not (tmp_path / "escape.txt").exists()

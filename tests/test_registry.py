@@ -27,6 +27,84 @@ def test_every_registered_name_builds_and_runs_forward_backward(name, shape):
         assert torch.isfinite(layer(x)).all()
 
 
+@pytest.mark.parametrize("name", list(normlab.available_norms()))
+def test_every_layer_resets_like_a_torch_layer(name):
+    # DESIGN "look like PyTorch": running state in buffers with reset_running_stats(), parameters
+    # with reset_parameters(), and a repr naming the channel count
+    assert "13" in repr(normlab.make_norm(name, 13))
+    torch.manual_seed(0)
+    fresh = normlab.make_norm(name, 8)
+    torch.manual_seed(0)
+    layer = normlab.make_norm(name, 8)
+    if hasattr(layer, "set_rate"):
+        layer.set_rate(0.1)
+    layer.train()
+    for _ in range(2):
+        layer(torch.randn(6, 8, 3, 3) * 2 + 1)
+    ref = dict(fresh.named_buffers())
+    changed = [k for k, v in layer.named_buffers() if not torch.equal(v, ref[k])]
+    if changed:  # the layer keeps running state: it must be resettable to a fresh layer's
+        layer.reset_running_stats()
+        for k, v in layer.named_buffers():
+            assert torch.equal(v, ref[k]), (name, k)
+    params = dict(layer.named_parameters())
+    if params:
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(100.0)
+        layer.reset_parameters()
+        for k, p in layer.named_parameters():
+            assert p.abs().max() < 50, (name, k)  # re-initialised, not left as perturbed
+        # the per-channel affine starts at the identity (γ = 1, β = 0), as in torch's layers
+        for attr, value in (("weight", 1.0), ("bias", 0.0)):
+            t = params.get(attr)
+            if t is not None:
+                assert torch.equal(t, torch.full_like(t, value)), (name, attr)
+
+
+@pytest.mark.parametrize("name", list(normlab.available_norms()))
+def test_state_dict_carries_the_eval_behaviour(name):
+    # README: every layer keeps its running state in buffers, so state_dict carries it: a layer
+    # of another seed that loads the trained state computes the same eval output
+    for shape in [(6, 8), (6, 8, 3, 3)]:
+        torch.manual_seed(0)
+        layer = normlab.make_norm(name, 8)
+        if hasattr(layer, "set_rate"):
+            layer.set_rate(0.1)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        for _ in range(3):
+            layer(torch.randn(*shape) * 2 + 1)
+        torch.manual_seed(1)
+        other = normlab.make_norm(name, 8)
+        other.load_state_dict(layer.state_dict())
+        layer.eval()
+        other.eval()
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(layer(x), other(x)), (name, shape)
+        for k, v in layer.state_dict().items():  # eval changes no state
+            assert torch.equal(v, before[k]), (name, k)
+
+
+@pytest.mark.parametrize("name", list(normlab.available_norms()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_output_has_the_input_dtype(name, dtype):
+    # float32 parameters with half input (autocast) or float64 layers: like torch's own norms, the
+    # output keeps the input's dtype, train and eval, and is finite
+    layer = normlab.make_norm(name, 8)
+    if hasattr(layer, "set_rate"):
+        layer.set_rate(0.1)
+    if dtype == torch.float64:
+        layer = layer.double()
+    x = (torch.randn(6, 8, 3, 3) * 2 + 1).to(dtype)
+    for mode in (True, False):
+        y = layer.train(mode)(x)
+        assert y.dtype == dtype and torch.isfinite(y).all(), (name, mode)
+
+
 def test_available_norms_has_descriptions_and_the_foundation_names():
     names = normlab.available_norms()
     for n in ["none", "affine", "bn", "gn", "ln", "in", "bcn"]:
@@ -111,6 +189,36 @@ def test_standard_layers_match_torch_functional():
     torch.testing.assert_close(normlab.make_norm("none", 12)(x), x)
 
 
+@pytest.mark.parametrize("shape", [(8, 12), (8, 12, 7), (3, 12, 2, 3, 4)])
+def test_per_sample_layers_match_torch_on_every_rank(shape):
+    # (N, C) and (N, C, L) and 5-D input, with non-trivial affine parameters
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
+    for spec, groups in (("gn(num_groups=4)", 4), ("ln", 1)):
+        layer = normlab.make_norm(spec, 12).double()
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1, 1)
+        torch.testing.assert_close(layer(x), F.group_norm(x, groups, layer.weight, layer.bias))
+    bn = normlab.make_norm("bn", 12).double()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, None, None, training=True))
+
+
+def test_instance_norm_of_fully_connected_input_is_the_bias():
+    # InstanceNorm docstring: for (N, C) input each group holds one value, the normalized value
+    # is 0 and the output is beta (up to float32 rounding of x amplified by 1/sqrt(eps) ~ 316 in
+    # torch's fused scale-and-shift, hence the absolute tolerance).
+    inorm = normlab.make_norm("in", 5)
+    with torch.no_grad():
+        inorm.bias.copy_(torch.arange(5.0) - 2)
+    y = inorm(torch.randn(7, 5) * 3)
+    torch.testing.assert_close(y, inorm.bias.detach().expand(7, 5), atol=1e-3, rtol=0)
+    # and for spatial input it is torch's instance norm with the affine applied
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(
+        inorm(x), F.instance_norm(x, weight=inorm.weight, bias=inorm.bias), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_bn_running_stats_and_state_dict_keys_match_torch():
     ours = normlab.make_norm("bn(momentum=0.2)", 6)
     ref = torch.nn.BatchNorm2d(6, momentum=0.2)
@@ -119,7 +227,8 @@ def test_bn_running_stats_and_state_dict_keys_match_torch():
         ours(x)
         ref(x)
     assert ours.state_dict().keys() == ref.state_dict().keys()
-    torch.testing.assert_close(ours.running_var, ref.running_var)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, msg=k)
     ours.eval()
     ref.eval()
     x = torch.randn(5, 6, 3, 3)

@@ -178,6 +178,10 @@ def test_accumulates_and_resets():
     model(x2)
     assert std.loss().item() == pytest.approx(l1 + l2, rel=1e-5)
     assert std.loss().item() == 0.0  # reset by the previous call
+    model(x1)
+    std.reset()  # drops what was accumulated without returning it
+    model(x2)
+    assert std.loss().item() == pytest.approx(l2, rel=1e-6)
 
 
 def test_hooks_removable_and_context_manager():
@@ -202,10 +206,15 @@ def test_constant_activations_finite():
     assert torch.isfinite(x.grad).all()
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     std = StandardizationLoss(model)
-    model(torch.randn(1, 3))
+    x1 = torch.randn(1, 3)
+    model(x1)
     total = std.loss()
     total.backward()
-    assert torch.isfinite(total)
+    # one sample: mu_i is the pre-activation itself, sigma_i^2 = 0 (numpy forward as the oracle)
+    h = x1.numpy().astype(np.float64) @ model[0].weight.detach().double().numpy().T
+    h = h + model[0].bias.detach().double().numpy()
+    expect = 0.5 * float(np.sum(h**2 - math.log(1e-8) - 1.0))
+    assert total.item() == pytest.approx(expect, rel=1e-5)
     assert all(torch.isfinite(p.grad).all() for p in model[0].parameters())
 
 

@@ -84,9 +84,24 @@ def test_gradients_reach_raw_weight_and_match_gradcheck():
 
 
 def test_half_precision_weights_are_standardized_in_float32():
+    # The fan-in variance (~1e6) overflows float16 (max 65504): computed in half precision it is
+    # inf and the "standardized" weight collapses to zeros — finite, but wrong. The float64 numpy
+    # oracle on the same (half-rounded) values catches that.
     w = (torch.randn(4, 50) * 1000 + 500).half()
     out = standardize_weight(w)
-    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert out.dtype == torch.float16
+    ref = _np_ws(w.double().numpy(), 1e-5, True, True)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=0, atol=5e-3)
+    flat = out.double().reshape(4, -1)
+    torch.testing.assert_close(
+        flat.var(1, correction=0), torch.ones(4, dtype=flat.dtype), atol=2e-3, rtol=0
+    )
+    # bfloat16 as well (its range is float32's, its precision 8 bits)
+    wb = (torch.randn(4, 50) * 3 + 2).bfloat16()
+    outb = standardize_weight(wb)
+    assert outb.dtype == torch.bfloat16
+    refb = _np_ws(wb.double().numpy(), 1e-5, True, True)
+    np.testing.assert_allclose(outb.double().numpy(), refb, rtol=0, atol=3e-2)
 
 
 def test_bad_ws_arguments():
@@ -114,15 +129,23 @@ def test_convert_conv_keeps_raw_weights_and_model_runs():
     raw = model.c2.weight.detach().clone()
     raw1 = model.c1.weight.detach().clone()
     lin_raw = model.fc.weight.detach().clone()
+    raw_bias = model.c2.bias.detach().clone()
+    x = torch.randn(2, 3, 6, 6)
     names = normlab.convert_conv(model, "ws")
     assert names == ["c2", "c1"]
     assert isinstance(model.c2, normlab.WSConv2d) and isinstance(model.c1, normlab.WSConv1d)
     assert torch.equal(model.c2.weight, raw) and torch.equal(model.c1.weight, raw1)
+    assert torch.equal(model.c2.bias, raw_bias)
+    # the converted conv computes conv2d with the standardized raw weight and the old bias
+    w_hat = torch.from_numpy(_np_ws(raw.double().numpy(), 1e-5, True, True)).float()
+    torch.testing.assert_close(
+        model.c2(x), F.conv2d(x, w_hat, raw_bias, padding=1), atol=1e-5, rtol=1e-5
+    )
     assert type(model.fc) is nn.Linear  # linear only when asked
     names = normlab.convert_conv(model, "ws", linear=True)
     assert names == ["fc"] and isinstance(model.fc, normlab.WSLinear)
     assert torch.equal(model.fc.weight, lin_raw)
-    out = model(torch.randn(2, 3, 6, 6))
+    out = model(x)
     out.sum().backward()
     assert model.c2.weight.grad is not None
     assert normlab.convert_conv(model, "ws") == []  # already converted

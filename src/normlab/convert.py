@@ -69,6 +69,23 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype |
     return None, None
 
 
+def _placement(model: nn.Module, name: str) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and dtype for the layer that replaces ``model.get_submodule(name)``: the old layer's
+    own, else those of its nearest enclosing module that has (floating-point) tensors — a
+    parameter-free norm (``nn.InstanceNorm2d()``, ``nn.GroupNorm(affine=False)``, ``none``) has
+    none, and its replacement must still land on the model's device and dtype."""
+    parts = name.split(".")
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    for i in range(len(parts), -1, -1):
+        d, t = _device_dtype(model.get_submodule(".".join(parts[:i])))
+        device = device if device is not None else d
+        dtype = dtype if dtype is not None else t
+        if device is not None and dtype is not None:
+            break
+    return device, dtype
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -98,7 +115,8 @@ def convert(
     """Replace the normalization layers of ``model`` whose names match by ``make_norm(spec, C)``.
 
     ``num_features`` is inferred from each replaced layer; the new layer is moved to the old one's
-    device and dtype and takes its train/eval mode. Works in place and returns the replaced names
+    device and dtype (a parameter-free old layer: those of its nearest enclosing module with
+    tensors) and takes its train/eval mode. Works in place and returns the replaced names
     (in module order). If ``include`` is not ``"*"`` and matches no normalization layer, raises
     ``ValueError`` listing the normalization layers the model has (a typo should not pass silently).
 
@@ -117,7 +135,7 @@ def convert(
     for name in chosen:
         old = model.get_submodule(name)
         new = make_norm(spec, norm_num_features(old))
-        device, dtype = _device_dtype(old)
+        device, dtype = _placement(model, name)
         if device is not None:
             new = new.to(device=device)
         if dtype is not None:

@@ -154,8 +154,19 @@ def download_file(url: str, dest: str | os.PathLike[str], expected: str | None) 
 
 
 def _extract(archive: Path, root: Path) -> None:
+    """Extract a (checksum-verified) tar archive under ``root``, refusing links, devices and
+    members that would land outside ``root``. Uses tarfile's "data" filter where Python has it
+    (3.11.4+) and the same checks by hand otherwise."""
     with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(root, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+            return
+        base = root.resolve()
+        for member in tar.getmembers():
+            target = (base / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(base):
+                raise ValueError(f"{archive}: refusing unsafe archive member {member.name!r}")
+        tar.extractall(root)  # every member was checked above
 
 
 def _expected(rel: str, checksums: Mapping[str, str] | None) -> str | None:

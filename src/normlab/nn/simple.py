@@ -30,6 +30,9 @@ class NoNorm(nn.Identity):
 class Affine(nn.Module):
     r"""``y = γ ⊙ x + β`` per channel, with γ initialised to 1 and β to 0.
 
+    The output has the input's dtype (float32 parameters with half-precision input, as under
+    autocast, compute in float32 and cast back — as torch's normalization layers do).
+
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
     """
 
@@ -45,7 +48,8 @@ class Affine(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, "Affine")
-        return x * channel_view(self.weight, x.dim()) + channel_view(self.bias, x.dim())
+        w, b = channel_view(self.weight, x.dim()), channel_view(self.bias, x.dim())
+        return torch.addcmul(b, x, w).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
