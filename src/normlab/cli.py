@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         help="compare every method on digits (offline, a few minutes)",
         description="Train the same small CNN on scikit-learn's 8x8 digits with bn, gn+WS, bcn+WS, "
-        "mixture, mode, iternorm, the standardization loss and no normalization (3 seeds each), "
+        "mixture (as in the paper, and with warm-started fits), mode, iternorm, the standardization loss and no normalization (3 seeds each), "
         "print a table (final/best test accuracy, steps to reach BN's best, time per step vs BN) "
         "and write test-error curves to OUT/test_error.png.",
     )

@@ -85,7 +85,7 @@ from normlab.nn._utils import (
     check_positive_int,
     stat_dtype,
 )
-from normlab.nn.stats import reduce_sums, weighted_sums
+from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_sums
 from normlab.registry import register_norm
 
 __all__ = [
@@ -343,6 +343,221 @@ def mode_norm_statistics(
     return mean_c + center, var, ws.w
 
 
+# --------------------------------------------------------------------------------------------
+# ModeNorm on (N, C) input in training mode: one fused autograd Function
+
+
+def _gate_sum(
+    gt: Tensor, v: Tensor, out: Tensor | None = None, accumulate: bool = False
+) -> Tensor:
+    """``gtᵀ v`` (N, C) for ``gt`` (J, N) and ``v`` (J, C), written into ``out`` when given, or added
+    to it in place with ``accumulate=True`` (``out`` contiguous (N, C)).
+
+    On CPU with J ≤ 4 rows this runs as J broadcast multiply-adds: there a matrix product with an
+    inner dimension of 2–4 is several times slower than an elementwise pass."""
+    j, n = gt.shape
+    if gt.device.type != "cpu" or j > 4 or n * v.shape[1] < 16384:
+        if accumulate:
+            assert out is not None
+            return out.addmm_(gt.t(), v)
+        return torch.mm(gt.t(), v, out=out)
+    cols = gt.unsqueeze(2)  # (J, N, 1)
+    first = 0
+    if not accumulate:
+        out = torch.mul(cols[0], v[:1], out=out)
+        first = 1
+    assert out is not None
+    for i in range(first, j):
+        out.addcmul_(cols[i], v[i : i + 1])
+    return out
+
+
+def _mode2d_forward(
+    x: Tensor,
+    gw: Tensor,
+    gb: Tensor | None,
+    w: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    running: tuple[Tensor, Tensor] | None,
+    momentum: float,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Training-mode ModeNorm of (N, C) ``x`` (already in the statistics dtype): the output and the
+    intermediates the hand-written backward needs.
+
+    The gates are kept transposed, ``gt = Gᵀ`` (K, N) (a softmax over the leading dimension is
+    much faster on CPU than one over a last dimension of size K). With c the batch centre and
+    p = x − c: the sums Gᵀp and Gᵀp² (p² in the output's buffer), then
+    ``y = p · (G A) − G (B − β)`` with ``A = α s`` and ``B = (μ − c) A`` — the same
+    Σ_k g_nk (x − μ_k) α s_k + β as Eq. 2 (with Σ_k g_nk = 1). Two (N, C) allocations: p and
+    y."""
+    xt = x.t()
+    logits = torch.mm(gw, xt) if gb is None else torch.addmm(gb.unsqueeze(1), gw, xt)
+    gt = torch.softmax(logits, dim=0)  # (K, N)
+    center = batch_center(x)
+    p = x - center
+    y = torch.mul(p, p)  # p², then the output
+    nk, s1, s2 = reduce_sums(gt.sum(1), torch.mm(gt, p), torch.mm(gt, y))  # N_k, Σgp, Σgp²
+    nkc = nk.clamp_min(MIN_MODE_WEIGHT).unsqueeze(1)
+    mean_c = s1 / nkc  # μ_k − c
+    var_raw = torch.addcmul(s2 / nkc, mean_c, mean_c, value=-1)
+    var = var_raw.clamp_min(0)
+    if running is not None:
+        _update_running(running[0], running[1], mean_c + center, var, nk, momentum)
+    s = (var + eps).rsqrt_()  # (K, C)
+    a = s if w is None else s * w
+    bm = mean_c * a
+    _gate_sum(gt, a, out=y)  # scale = α Σ_k g_nk s_k
+    if b is None:
+        y.mul_(p)
+    else:
+        torch.addcmul(b, p, y, out=y)  # p · scale + β
+    _gate_sum(gt, bm.neg(), out=y, accumulate=True)  # − Σ_k g_nk B_k
+    return y, (gt, p, nk, s1, s2, mean_c, var_raw, s, a, bm)
+
+
+class _ModeNormTrain2d(torch.autograd.Function):
+    """Training-mode ModeNorm on ``(N, C)`` input with a hand-written backward.
+
+    Plain autograd over this computation keeps about a dozen full-size (N, C) intermediates and
+    runs two products per matrix product; here the forward allocates two (N, C) tensors (p = x − c
+    and the output) and the backward two (a scratch buffer and ∂x):
+
+    - ``t = gy · p`` gives ∂A = Gᵀt, ∂B = −Gᵀgy and the output's gate gradient ``t Aᵀ − gy Bᵀ``;
+    - the (K, C) chain A, B → s, μ − c → σ², μ − c → the sums Σ g p, Σ g p² and N_k in closed form
+      (the clamps of σ² at 0 and of N_k at MIN_MODE_WEIGHT pass the gradient where the input is ≥
+      the bound, as ``clamp_min`` does);
+    - the gradients of the sums are all-reduced like the sums were (under the forward's reduction
+      scope, see :mod:`normlab.nn.stats`); α's and β's gradients stay local;
+    - then ∂G (with p² recomputed into ``t``), the softmax backward and
+      ``∂x = gy · (G A) + 2 p · (G ∂s2) + G ∂s1 + ∂logits Ψ``.
+
+    Double backward (``create_graph=True``) recomputes the forward with plain autograd and
+    differentiates that, so it stays supported for ``(N, C)`` input.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        gw: Tensor,
+        gb: Tensor | None,
+        w: Tensor | None,
+        b: Tensor | None,
+        eps: float,
+        running: tuple[Tensor, Tensor] | None,
+        momentum: float,
+    ) -> Tensor:
+        y, saved = _mode2d_forward(x, gw, gb, w, b, eps, running, momentum)
+        ctx.save_for_backward(x, gw, gb, w, b, *saved)
+        ctx.eps = eps
+        ctx.group = current_group()
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, gw, gb, w, b, gt, p, nk, s1, s2, mean_c, var_raw, s, a, bm = ctx.saved_tensors
+        nx, ngw, ngb, nw, nb = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain-autograd replay
+            return _mode2d_double_backward(ctx, gy, x, gw, gb, w, b)
+        t = gy * p
+        g_a = torch.mm(gt, t)  # ∂A
+        g_bn = torch.mm(gt, gy)  # −∂B
+        g_gt = torch.mm(a, t.t()).addmm_(bm, gy.t(), alpha=-1)  # ∂Gᵀ (K, N) from the output
+        h = torch.addcmul(g_a, g_bn, mean_c, value=-1)  # ∂A + ∂B (μ − c): the part through s
+        g_w = (h * s).sum(0) if nw else None
+        g_b = g_bn.sum(0) if nb else None  # Σ_n gy (the gates of a sample sum to 1)
+        g_s = h if w is None else h * w
+        g_var = torch.where(var_raw >= 0, g_s * s.pow(3), 0.0).mul_(-0.5)
+        g_mean = torch.addcmul(g_bn * a, mean_c, g_var, value=2.0).neg_()
+        inv_nk = nk.clamp_min(MIN_MODE_WEIGHT).reciprocal().unsqueeze(1)
+        g_s1, g_s2 = g_mean.mul_(inv_nk), g_var.mul_(inv_nk)
+        g_nk = torch.addcmul(g_s1 * s1, g_s2, s2).sum(1).mul_(-inv_nk.squeeze(1))
+        g_nk = torch.where(nk >= MIN_MODE_WEIGHT, g_nk, 0.0)
+        if ctx.group is not None:
+            with reduction_scope(ctx.group):
+                g_nk, g_s1, g_s2 = reduce_sums(g_nk, g_s1, g_s2)
+        torch.mul(p, p, out=t)  # p²
+        g_gt.addmm_(g_s1, p.t()).addmm_(g_s2, t.t()).add_(g_nk.unsqueeze(1))
+        g_lt = gt * (g_gt - (gt * g_gt).sum(0))  # softmax backward: ∂logitsᵀ (K, N)
+        g_gw = torch.mm(g_lt, x) if ngw else None
+        g_gb = g_lt.sum(1) if ngb else None
+        g_x = None
+        if nx:
+            g_x = _gate_sum(gt, a).mul_(gy)  # gy · scale
+            g_x.addcmul_(p, _gate_sum(gt, g_s2, out=t), value=2.0)  # + 2 p · (G ∂s2)
+            _gate_sum(gt, g_s1, out=g_x, accumulate=True)  # + G ∂s1
+            # + ∂logits Ψ, as Σ_{k<K} ∂logits_k (Ψ_k − Ψ_K): the ∂logits of a sample sum to 0
+            _gate_sum(g_lt[:-1], gw[:-1] - gw[-1:], out=g_x, accumulate=True)
+        return g_x, g_gw, g_gb, g_w, g_b, None, None, None
+
+
+def _mode2d_double_backward(
+    ctx, gy: Tensor, x: Tensor, gw: Tensor, gb: Tensor | None, w: Tensor | None, b: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """Backward of :class:`_ModeNormTrain2d` under ``create_graph=True``: replay the forward with
+    plain autograd (no running-stat update; same reduction scope) and differentiate it."""
+    inputs = (x, gw, gb, w, b)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:5]) if need]
+    with reduction_scope(ctx.group):
+        gates = mode_gates(x, gw, gb)
+        mean, var, _ = mode_norm_statistics(x, None, gates)
+        scale, shift = _mode_scale_shift(gates, mean, var, ctx.eps, w, b)
+        y = torch.addcmul(shift, x, scale)
+    grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True, allow_unused=True))
+    out = [
+        (_zeros_if_none(next(grads), t) if need else None)
+        for t, need in zip(inputs, ctx.needs_input_grad[:5])
+    ]
+    return (*out, None, None, None)
+
+
+def _mode_scale_shift(
+    gates: Tensor, mean: Tensor, var: Tensor, eps: float, w: Tensor | None, b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """ModeNorm's per-(sample, channel) ``scale = α Σ_k g_nk s_k`` and
+    ``shift = β − α Σ_k g_nk μ_k s_k`` from gates (N, K) and per-mode μ_k, σ²_k (K, C)."""
+    inv = torch.rsqrt(var + eps)  # s_k, (K, C)
+    if w is not None:  # fold α into the (K, C) factors: cheaper than scaling (N, C) results
+        inv = inv * w.to(inv.dtype)
+    scale = gates @ inv  # α Σ_k g_nk s_k, (N, C)
+    if b is None:
+        shift = -(gates @ (mean * inv))  # −α Σ_k g_nk μ_k s_k, (N, C)
+    else:
+        shift = torch.addmm(b.to(inv.dtype), gates, mean * inv, alpha=-1)  # β − α Σ_k …
+    return scale, shift
+
+
+def _mode_norm_train_2d(
+    x: Tensor,
+    gw: Tensor,
+    gb: Tensor | None,
+    running_mean: Tensor | None,
+    running_sqmean: Tensor | None,
+    w: Tensor | None,
+    b: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Training-mode ModeNorm of ``(N, C)`` input (see :class:`_ModeNormTrain2d`)."""
+    with _stats_context(x):
+        dt = stat_dtype(x)
+        args = (_cast(x, dt), _cast(gw, dt), _cast(gb, dt), _cast(w, dt), _cast(b, dt))
+        running = None
+        if running_mean is not None and running_sqmean is not None:
+            running = (running_mean, running_sqmean)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            y = _ModeNormTrain2d.apply(*args, eps, running, momentum)
+        else:
+            y = _mode2d_forward(*args, eps, running, momentum)[0]
+        return _cast(y, x.dtype)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (this runs per layer and step)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _affine(
     scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -405,16 +620,12 @@ def mode_norm(
             assert running_mean is not None and running_sqmean is not None
             mean = running_mean.to(means.dtype)
             var = (running_sqmean.to(means.dtype) - mean * mean).clamp_min(0)
-        inv = torch.rsqrt(var + eps)  # s_k, (K, C)
-        if w is not None:  # fold α into the (K, C) factors: cheaper than scaling (N, C) results
-            inv = inv * w.to(inv.dtype)
-        scale = gates @ inv  # α Σ_k g_nk s_k, (N, C)
-        if b is None:
-            shift = -(gates @ (mean * inv))  # −α Σ_k g_nk μ_k s_k, (N, C)
-        else:
-            shift = torch.addmm(b.to(inv.dtype), gates, mean * inv, alpha=-1)  # β − α Σ_k …
-        return scale, shift
+        return _mode_scale_shift(gates, mean, var, eps, w, b)
 
+    if training and x.dim() == 2:
+        return _mode_norm_train_2d(
+            x, gate_weight, gate_bias, running_mean, running_sqmean, weight, bias, momentum, eps
+        )
     return _gated_affine(x, scale_shift, training, (gate_weight, gate_bias, weight, bias))
 
 
@@ -429,12 +640,11 @@ def _update_running(
 ) -> None:
     """Eq. 4 with PyTorch's convention, skipping modes with N_k ≤ MIN_MODE_WEIGHT (no host sync)."""
     live = (nk > MIN_MODE_WEIGHT).unsqueeze(1)
-    bm = mean.detach().to(running_mean.dtype)
-    bsq = (var.detach() + mean.detach() ** 2).to(running_sqmean.dtype)
-    running_mean.copy_(torch.where(live, torch.lerp(running_mean, bm, momentum), running_mean))
-    running_sqmean.copy_(
-        torch.where(live, torch.lerp(running_sqmean, bsq, momentum), running_sqmean)
-    )
+    mean = mean.detach()
+    bm = _cast(mean, running_mean.dtype)
+    bsq = _cast(torch.addcmul(var.detach(), mean, mean), running_sqmean.dtype)
+    running_mean.lerp_(torch.where(live, bm, running_mean), momentum)  # lerp(r, r, m) = r exactly
+    running_sqmean.lerp_(torch.where(live, bsq, running_sqmean), momentum)
 
 
 def mode_group_gates(means: Tensor, gate_weight: Tensor, gate_bias: Tensor | None) -> Tensor:
@@ -488,27 +698,257 @@ def mode_group_norm(
         w: Tensor | None,
         b: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        gates = mode_group_gates(means, gw, gb)  # (N, K, C)
-        center = means.detach().mean(1, keepdim=True)  # per-sample constant (conditioning only)
-        mc = means - center
-        sq = mc * mc if variances is None else mc * mc + variances
-        ck = gates.sum(2).clamp_min(MIN_MODE_WEIGHT)  # C_k, (N, K)
-        # (batched mat-vec products as broadcast-and-sum: bmm is slow for these tiny shapes)
-        mean_c = (gates * mc.unsqueeze(1)).sum(2) / ck  # (N, K)
-        var = ((gates * sq.unsqueeze(1)).sum(2) / ck - mean_c * mean_c).clamp_min(0)
-        mean = mean_c + center  # μ_k, (N, K)
-        inv = torch.rsqrt(var + eps)  # s_k, (N, K)
-        c = means.shape[1]
-        if combine == "mean":  # (1/K) Σ_k s_k (x − μ_k): one scale and shift per sample
-            k = gates.shape[1]
-            scale = (inv.sum(1, keepdim=True) / k).expand(-1, c)
-            shift = (-(mean * inv).sum(1, keepdim=True) / k).expand(-1, c)
-        else:  # Σ_k g_ck s_k (x − μ_k)
-            scale = (gates * inv.unsqueeze(2)).sum(1)  # (N, C)
-            shift = -(gates * (mean * inv).unsqueeze(2)).sum(1)
-        return _affine(scale, shift, w, b)
+        return _mgn_scale_shift(means, variances, gw, gb, w, b, eps, combine)
 
+    if x.dim() == 2:
+        return _mode_group_norm_2d(x, gate_weight, gate_bias, weight, bias, eps, combine)
     return _gated_affine(x, scale_shift, True, (gate_weight, gate_bias, weight, bias))
+
+
+def _mgn_scale_shift(
+    means: Tensor,
+    variances: Tensor | None,
+    gw: Tensor,
+    gb: Tensor | None,
+    w: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    combine: Combine,
+) -> tuple[Tensor, Tensor]:
+    """MGN's per-(sample, channel) scale and shift from the spatial moments (N, C) (plain
+    autograd; the ``(N, C, *)`` path runs it inside :class:`_GatedAffine`)."""
+    gates = mode_group_gates(means, gw, gb)  # (N, K, C)
+    center = means.detach().mean(1, keepdim=True)  # per-sample constant (conditioning only)
+    mc = means - center
+    sq = mc * mc if variances is None else mc * mc + variances
+    ck = gates.sum(2).clamp_min(MIN_MODE_WEIGHT)  # C_k, (N, K)
+    # (batched mat-vec products as broadcast-and-sum: bmm is slow for these tiny shapes)
+    mean_c = (gates * mc.unsqueeze(1)).sum(2) / ck  # (N, K)
+    var = ((gates * sq.unsqueeze(1)).sum(2) / ck - mean_c * mean_c).clamp_min(0)
+    mean = mean_c + center  # μ_k, (N, K)
+    inv = torch.rsqrt(var + eps)  # s_k, (N, K)
+    c = means.shape[1]
+    if combine == "mean":  # (1/K) Σ_k s_k (x − μ_k): one scale and shift per sample
+        k = gates.shape[1]
+        scale = (inv.sum(1, keepdim=True) / k).expand(-1, c)
+        shift = (-(mean * inv).sum(1, keepdim=True) / k).expand(-1, c)
+    else:  # Σ_k g_ck s_k (x − μ_k)
+        scale = (gates * inv.unsqueeze(2)).sum(1)  # (N, C)
+        shift = -(gates * (mean * inv).unsqueeze(2)).sum(1)
+    return _affine(scale, shift, w, b)
+
+
+# --------------------------------------------------------------------------------------------
+# ModeGroupNorm on (N, C) input: one fused autograd Function
+
+
+def _col(v: Tensor) -> Tensor:
+    """(N,) -> (N, 1), to broadcast a per-sample quantity over the channels."""
+    return v.unsqueeze(1)
+
+
+def _mgn2d_forward(
+    z: Tensor,
+    gw: Tensor,
+    gb: Tensor | None,
+    w: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    combine: Combine,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """MGN of (N, C) ``z`` (already in the statistics dtype): the output and what the backward
+    needs. The gates are laid out mode-major, ``g`` (K, N, C); for K = 2 they are
+    ``σ(±((w_1 − w_2) z + b_1 − b_2))`` (the two-way softmax, half the exponentials). With
+    m = z − mean_c(z) per sample, the per-(mode, sample) sums C_k, Σ_c g m and Σ_c g m² run one
+    mode at a time through one (N, C) scratch buffer, which then receives the normalized
+    ``u = Σ_k w_k s_k (m − μ_k + c)`` (w_k = 1/K or the gate), and ``y = α u + β``."""
+    n, c = z.shape
+    k = gw.shape[0]
+    gwv = gw.reshape(k)
+    if k == 2:
+        d = torch.mul(z, gwv[0] - gwv[1])
+        if gb is not None:
+            d.add_(gb[0] - gb[1])
+        g = torch.empty(2, n, c, dtype=z.dtype, device=z.device)
+        torch.sigmoid(d, out=g[0])
+        torch.sigmoid(d.neg_(), out=g[1])
+    else:
+        logits = z.unsqueeze(0) * gwv.view(k, 1, 1)
+        if gb is not None:
+            logits.add_(gb.view(k, 1, 1))
+        g = torch.softmax(logits, dim=0)
+    m = z - z.mean(1, keepdim=True)
+    u = torch.empty_like(z)  # scratch, then the normalized output
+    s1, s2 = [], []
+    for j in range(k):
+        torch.mul(g[j], m, out=u)
+        s1.append(u.sum(1))
+        s2.append(u.mul_(m).sum(1))
+    ck = g.sum(2)  # (K, N)
+    ckc = ck.clamp_min(MIN_MODE_WEIGHT)
+    sum1, sum2 = torch.stack(s1), torch.stack(s2)
+    mu = sum1 / ckc  # μ_k − c, (K, N)
+    var_raw = torch.addcmul(sum2 / ckc, mu, mu, value=-1)
+    s = (var_raw.clamp_min(0) + eps).rsqrt_()  # (K, N)
+    sm = s * mu
+    if combine == "mean":
+        sig, tau = s.mean(0), sm.mean(0)  # u = σ m − τ per sample
+        torch.addcmul(_col(tau.neg()), m, _col(sig), out=u)
+    else:
+        torch.mul(g[0], _col(s[0]), out=u)  # Σ_k g_k s_k
+        for j in range(1, k):
+            u.addcmul_(g[j], _col(s[j]))
+        u.mul_(m)
+        for j in range(k):
+            u.addcmul_(g[j], _col(sm[j]), value=-1)
+    if w is None:
+        y = u if b is None else u + b
+    else:
+        y = u * w if b is None else torch.addcmul(b, u, w)
+    return y, (g, m, u, sum1, sum2, ck, mu, var_raw, s)
+
+
+class _MGNorm2d(torch.autograd.Function):
+    """MGN on ``(N, C)`` input with a hand-written backward (autograd over the (N, K, C) gates
+    would keep and re-read several (N, K, C) intermediates and run a broadcast product and a
+    reduction per elementwise step).
+
+    Backward, per sample and mode (α = ``w``, u the normalized output before the affine, ∂u = α ∂y):
+    ∂s_k, ∂μ_k from the output (``mean``: ∂σ = Σ_c ∂u m, ∂τ = −Σ_c ∂u; ``gated``: Σ_c g_k ∂u m and
+    Σ_c g_k ∂u), then σ²_k → (Σ g m, Σ g m², C_k) in closed form (clamps pass the gradient where
+    the input is ≥ the bound, as ``clamp_min`` does), ∂g_k = ∂C_k + ∂s1_k m + ∂s2_k m² (+ the
+    ``gated`` output term), the softmax backward (for K = 2: ∂d = g_1 g_2 (∂g_1 − ∂g_2)), and
+    ``∂z = ∂u · scale + Σ_k g_k (∂s1_k + 2 ∂s2_k m) + Σ_k ∂logits_k ψ_k``.
+
+    Double backward (``create_graph=True``) differentiates a plain-autograd replay.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        z: Tensor,
+        gw: Tensor,
+        gb: Tensor | None,
+        w: Tensor | None,
+        b: Tensor | None,
+        eps: float,
+        combine: Combine,
+    ) -> Tensor:
+        y, saved = _mgn2d_forward(z, gw, gb, w, b, eps, combine)
+        g, m, u, *small = saved
+        ctx.save_for_backward(z, gw, gb, w, b, g, m, u if w is not None else None, *small)
+        ctx.eps, ctx.combine = eps, combine
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, gw, gb, w, b, g, m, u, sum1, sum2, ck, mu, var_raw, s = ctx.saved_tensors
+        nz, ngw, ngb, nw, nb = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain-autograd replay
+            inputs = (z, gw, gb, w, b)
+            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:5]) if need]
+            scale, shift = _mgn_scale_shift(z, None, gw, gb, w, b, ctx.eps, ctx.combine)
+            grads = iter(
+                torch.autograd.grad(
+                    torch.addcmul(shift, z, scale), wanted, gy, create_graph=True,
+                    allow_unused=True,
+                )
+            )  # fmt: skip
+            out = [
+                (_zeros_if_none(next(grads), t) if need else None)
+                for t, need in zip(inputs, ctx.needs_input_grad[:5])
+            ]
+            return (*out, None, None)
+        k = g.shape[0]
+        g_w = (gy * u).sum(0) if nw else None
+        g_b = gy.sum(0) if nb else None
+        gu = gy if w is None else gy * w
+        t = gu * m
+        sm = s * mu
+        if ctx.combine == "mean":
+            g_sig, g_tau = t.sum(1), gu.sum(1).neg_()  # (N,)
+            g_s = torch.addcmul(g_sig, g_tau, mu).div_(k)  # (K, N)
+            g_mu = g_tau * s / k
+        else:
+            gdot_t = torch.stack([torch.linalg.vecdot(g[j], t) for j in range(k)])  # Σ_c g ∂u m
+            gdot_u = torch.stack([torch.linalg.vecdot(g[j], gu) for j in range(k)])  # Σ_c g ∂u
+            g_s = torch.addcmul(gdot_t, mu, gdot_u, value=-1)
+            g_mu = -(s * gdot_u)
+        g_var = torch.where(var_raw >= 0, g_s * s.pow(3), 0.0).mul_(-0.5)
+        inv_ck = ck.clamp_min(MIN_MODE_WEIGHT).reciprocal()
+        g_s1 = torch.addcmul(g_mu, mu, g_var, value=-2.0).mul_(inv_ck)  # ∂(Σ g m)
+        g_s2 = g_var.mul_(inv_ck)  # ∂(Σ g m²)
+        g_ck = torch.addcmul(g_s1 * sum1, g_s2, sum2).mul_(inv_ck).neg_()
+        g_ck = torch.where(ck >= MIN_MODE_WEIGHT, g_ck, 0.0)
+        gated = ctx.combine == "gated"
+
+        def gate_grad(j_coef: Callable[[Tensor], Tensor], out: Tensor | None = None) -> Tensor:
+            """∂g for mode coefficients ``j_coef(v)`` (v → v[j] or a difference of modes):
+            ∂C + ∂s1 m + ∂s2 m² (+ gated: s t − s μ ∂u), Horner-evaluated."""
+            e = torch.addcmul(_col(j_coef(g_s1)), _col(j_coef(g_s2)), m, out=out)
+            e.mul_(m).add_(_col(j_coef(g_ck)))
+            if gated:
+                e.addcmul_(t, _col(j_coef(s))).addcmul_(gu, _col(j_coef(sm)), value=-1)
+            return e
+
+        if k == 2:  # softmax of two: ∂d = g_1 g_2 (∂g_1 − ∂g_2), ∂logits = (∂d, −∂d)
+            g_d = gate_grad(lambda v: v[0] - v[1]).mul_(g[0]).mul_(g[1])
+            g_l = None
+        else:
+            g_l = torch.empty_like(g)
+            for j in range(k):
+                gate_grad(lambda v, j=j: v[j], out=g_l[j])
+            g_l.mul_(g)
+            g_l.sub_(g * g_l.sum(0))  # softmax backward (mode-major)
+        g_gw = g_gb = None
+        if ngw or ngb:
+            if g_l is None:
+                gd_w = torch.linalg.vecdot(g_d.reshape(-1), z.reshape(-1)).reshape(1)
+                gd_b = g_d.sum().reshape(1)
+                g_gw = torch.cat([gd_w, -gd_w]).reshape(2, 1) if ngw else None
+                g_gb = torch.cat([gd_b, -gd_b]) if ngb else None
+            else:
+                flat = g_l.reshape(k, -1)
+                g_gw = torch.mv(flat, z.reshape(-1)).reshape(k, 1) if ngw else None
+                g_gb = flat.sum(1) if ngb else None
+        g_z = None
+        if nz:
+            if gated:  # ∂u · Σ_k g_k s_k
+                g_z = torch.mul(g[0], _col(s[0]))
+                for j in range(1, k):
+                    g_z.addcmul_(g[j], _col(s[j]))
+                g_z.mul_(gu)
+            else:
+                g_z = gu * _col(s.mean(0))
+            for j in range(k):  # Σ_k g_k (∂s1_k + 2 ∂s2_k m), through t as scratch
+                g_z.addcmul_(g[j], torch.addcmul(_col(g_s1[j]), _col(g_s2[j]), m, value=2.0, out=t))
+            gwv = gw.reshape(k)
+            if g_l is None:
+                g_z.addcmul_(g_d, gwv[0] - gwv[1])
+            else:
+                for j in range(k):
+                    g_z.addcmul_(g_l[j], gwv[j])
+        return g_z, g_gw, g_gb, g_w, g_b, None, None
+
+
+def _mode_group_norm_2d(
+    x: Tensor,
+    gw: Tensor,
+    gb: Tensor | None,
+    w: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    combine: Combine,
+) -> Tensor:
+    """MGN of ``(N, C)`` input (see :class:`_MGNorm2d`); statistics in float32 for half input."""
+    with _stats_context(x):
+        dt = stat_dtype(x)
+        args = (_cast(x, dt), _cast(gw, dt), _cast(gb, dt), _cast(w, dt), _cast(b, dt))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            y = _MGNorm2d.apply(*args, eps, combine)
+        else:
+            y = _mgn2d_forward(*args, eps, combine)[0]
+        return _cast(y, x.dtype)
 
 
 def _init_gate(gate: nn.Linear, k: int) -> None:

@@ -91,7 +91,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.nn._utils import check_eps, check_input, check_momentum, check_positive_int
-from normlab.nn.stats import gram_sums, group_batch
+from normlab.nn.stats import CovarianceSums, gram_sums, group_batch, reduce_sums
 from normlab.registry import register_norm
 
 __all__ = [
@@ -172,12 +172,26 @@ def newton_inverse_sqrt(a: Tensor, iters: int, max_abs: Tensor | None = None) ->
     Shape: ``a`` ``(*, d, d)`` -> ``(*, d, d)``.
     """
     d = a.shape[-1]
-    eye = torch.eye(d, dtype=a.dtype, device=a.device)
     if iters == 0:
-        return eye.expand_as(a).clone()
+        return torch.eye(d, dtype=a.dtype, device=a.device).expand_as(a).clone()
     batch = a.shape[:-2]
     a3 = a.reshape(-1, d, d)
-    bound = None if max_abs is None else max_abs.reshape(-1, 1, 1).to(a.dtype)
+    if max_abs is None:
+        if torch.is_grad_enabled() and a3.requires_grad:
+            z = _NewtonSchulz.apply(a3, iters)
+        else:
+            z = _newton_schulz_forward(a3, iters)[0]
+        return z.reshape(*batch, d, d)
+    return _newton_schulz_autograd(a3, iters, max_abs.reshape(-1, 1, 1).to(a.dtype)).reshape(
+        *batch, d, d
+    )
+
+
+def _newton_schulz_autograd(a3: Tensor, iters: int, bound: Tensor | None = None) -> Tensor:
+    """The coupled iteration with plain autograd (and the optional divergence guard): the
+    reference for :class:`_NewtonSchulz`, used with ``max_abs`` and for double backward."""
+    d = a3.shape[-1]
+    eye = torch.eye(d, dtype=a3.dtype, device=a3.device)
     z = 1.5 * eye - 0.5 * a3  # k = 1 with Z_0 = I, Y_0 = A: S_1 = Z_1
     y = torch.bmm(a3, z)
     for _ in range(iters - 1):
@@ -188,7 +202,81 @@ def newton_inverse_sqrt(a: Tensor, iters: int, max_abs: Tensor | None = None) ->
         else:
             ok = z_new.detach().abs().amax((-2, -1), keepdim=True) <= bound
             y, z = torch.where(ok, y_new, y), torch.where(ok, z_new, z)
-    return z.reshape(*batch, d, d)
+    return z
+
+
+def _newton_schulz_forward(a: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """T ≥ 1 coupled Newton–Schulz steps on a (B, d, d); returns Z_T and the stacked iterates the
+    backward needs: Z_1..Z_{T−1}, Y_1..Y_{T−1} and S_2..S_T (each (T − 1, B, d, d), written in
+    place into one buffer each). Y_T is not formed (only Z_T is returned)."""
+    b, d, _ = a.shape
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+    z1 = torch.add(1.5 * eye, a, alpha=-0.5)  # Z_1 = 1.5 I − 0.5 A
+    if iters == 1:
+        return z1, z1.unsqueeze(0), z1.unsqueeze(0), z1.unsqueeze(0)
+    zs = a.new_empty(iters - 1, b, d, d)
+    ys = a.new_empty(iters - 1, b, d, d)
+    ss = a.new_empty(iters - 1, b, d, d)
+    zs[0] = z1
+    torch.bmm(a, z1, out=ys[0])  # Y_1 = A Z_1
+    for k in range(1, iters):  # step k + 1: S, then Z (and Y except at the last step)
+        s = torch.baddbmm(eye, zs[k - 1], ys[k - 1], beta=1.5, alpha=-0.5, out=ss[k - 1])
+        if k == iters - 1:
+            return torch.bmm(s, zs[k - 1]), zs, ys, ss
+        torch.bmm(s, zs[k - 1], out=zs[k])
+        torch.bmm(ys[k - 1], s, out=ys[k])
+    raise AssertionError("unreachable")
+
+
+class _NewtonSchulz(torch.autograd.Function):
+    """Z_T of the coupled Newton–Schulz iteration (see :func:`newton_inverse_sqrt`) with a
+    hand-written reverse pass.
+
+    Forward: 3T − 3 batched d × d products (Y_T, which autograd's version also forms, is never
+    needed), the iterates stored in three preallocated stacks instead of ~3T separate tensors.
+    Backward: for each step ``S = 1.5I − 0.5 Z Y``, ``Z' = S Z``, ``Y' = Y S`` (given ∂Z', ∂Y'):
+    ``∂S = ∂Z' Zᵀ + Yᵀ ∂Y'``, ``∂Z = Sᵀ ∂Z' − 0.5 ∂S Yᵀ``, ``∂Y = ∂Y' Sᵀ − 0.5 Zᵀ ∂S`` (six
+    products, four at the last step where ∂Y' = 0), then Z_1 = 1.5I − 0.5A, Y_1 = A Z_1 — exactly
+    autograd's chain rule for the same iteration, with the products accumulated in place.
+    Double backward (``create_graph=True``) differentiates the plain-autograd iteration instead.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, iters: int) -> Tensor:  # type: ignore[override]
+        z, zs, ys, ss = _newton_schulz_forward(a, iters)
+        ctx.save_for_backward(a, zs, ys, ss)
+        ctx.iters = iters
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        a, zs, ys, ss = ctx.saved_tensors
+        iters = ctx.iters
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd iteration
+            with torch.enable_grad():
+                z = _newton_schulz_autograd(a, iters)
+            (ga,) = torch.autograd.grad(z, a, grad, create_graph=True)
+            return ga, None
+        if iters == 1:
+            return grad * -0.5, None
+        gz = grad.contiguous()
+        gy: Tensor | None = None
+        g_s = torch.empty_like(gz)
+        for k in range(iters - 1, 0, -1):  # the step that made Z_{k+1} (and Y_{k+1})
+            s, z, y = ss[k - 1], zs[k - 1], ys[k - 1]
+            torch.bmm(gz, z.mT, out=g_s)
+            if gy is not None:
+                g_s.baddbmm_(y.mT, gy)
+            gz_new = torch.bmm(s.mT, gz).baddbmm_(g_s, y.mT, alpha=-0.5)
+            gy_new = torch.bmm(z.mT, g_s).mul_(-0.5)
+            if gy is not None:
+                gy_new.baddbmm_(gy, s.mT)
+            gz, gy = gz_new, gy_new
+        assert gy is not None
+        z1 = zs[0]
+        ga = torch.bmm(gy, z1.mT)  # Y_1 = A Z_1, Z_1 = 1.5 I − 0.5 A
+        ga.baddbmm_(a.mT, gy, alpha=-0.5).sub_(gz, alpha=0.5)
+        return ga, None
 
 
 # With T <= this many steps the iterate cannot grow enough to overflow (|Z| <= 1.5^T), so the
@@ -270,15 +358,55 @@ def zca_whitening_matrix(
 
 
 def _part_batches(x: Tensor, layout: GroupLayout) -> list[tuple[Tensor, int]]:
-    """:func:`normlab.nn.stats.group_batch` of each uniform part (all groups, or the full groups
-    and the last smaller one): ``(R·groups, size, L)`` batches for left-multiplication by per-group
-    ``size × size`` blocks, shared by the statistics and the output product."""
+    """The data of each uniform part (all groups, or the full groups and the last smaller one),
+    shared by the statistics and the output product.
+
+    ``(N, C, *)`` input: :func:`normlab.nn.stats.group_batch` views ``(R·groups, size, L)`` for
+    left-multiplication by per-group ``size × size`` blocks, with ``R = N``. ``(N, C)`` input:
+    contiguous *row* batches ``(groups, N, size)`` (one N × size data matrix per group, ``R = 0``
+    marks this layout): ``group_batch``'s ``(groups, size, N)`` view of an (N, C) tensor has N as
+    its strided inner dimension, so the products on it, the transposed output and the gradient
+    accumulated through it each pay a slow transposing copy; the row layout costs one fast copy
+    in and one out."""
     out = []
     for start, _, groups, size in layout.parts():
         width = groups * size
         xs = x if width == x.shape[1] else x[:, start : start + width]
-        out.append(group_batch(xs, size))
+        if x.dim() == 2:
+            out.append((xs.reshape(x.shape[0], groups, size).transpose(0, 1).contiguous(), 0))
+        else:
+            out.append(group_batch(xs, size))
     return out
+
+
+class _RowGramSums(torch.autograd.Function):
+    """``A ↦ (Σ_n A[:, n], AᵀA)`` for row batches ``A`` (B, N, d): the product of
+    :func:`normlab.nn.stats.gram_sums` for the row layout, with its one-product backward
+    ``A (Ḡ + Ḡᵀ) + 1 s̄ᵀ`` in A's own layout. Twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(a)
+        ctx.set_materialize_grads(False)
+        return a.sum(1), torch.bmm(a.mT, a)
+
+    @staticmethod
+    def backward(ctx, grad_s1: Tensor | None, grad_outer: Tensor | None) -> Tensor | None:  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        if grad_outer is None:
+            return None if grad_s1 is None else grad_s1.unsqueeze(1).expand_as(a)
+        sym = grad_outer + grad_outer.mT
+        if grad_s1 is None:
+            return torch.bmm(a, sym)
+        return torch.baddbmm(grad_s1.unsqueeze(1), a, sym)
+
+
+def _row_gram_sums(rows: Tensor) -> CovarianceSums:
+    """Covariance sums (count N, Σx (B, d), Σ x xᵀ (B, d, d)) of a row batch (B, N, d), through
+    :func:`normlab.nn.stats.reduce_sums` like :func:`normlab.nn.stats.gram_sums`."""
+    count = torch.tensor(float(rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    s1, outer = _RowGramSums.apply(rows)
+    return CovarianceSums(*reduce_sums(count, s1, outer))
 
 
 def _unbatched(y: Tensor, shape: torch.Size, groups: int, size: int) -> Tensor:
@@ -319,7 +447,7 @@ def _batch_moments(batches: list[tuple[Tensor, int]], eps: float) -> tuple[Tenso
     sums of each part (:func:`normlab.nn.stats.gram_sums`)."""
     means, sigmas = [], []
     for xb, reps in batches:
-        count, s1, outer = gram_sums(xb, reps)
+        count, s1, outer = gram_sums(xb, reps) if reps else _row_gram_sums(xb)
         mu = s1 / count
         eye = torch.eye(mu.shape[-1], dtype=outer.dtype, device=outer.device)
         sigmas.append(outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye)
@@ -352,6 +480,10 @@ def _apply_whitening(
     for (xb, reps), (_, g0, groups, size) in zip(batches, layout.parts()):
         w = w_eff[g0 : g0 + groups, :size, :size]
         b = shift[g0 : g0 + groups, :size]
+        if reps == 0:  # row batch (groups, N, size): Y = X Wᵀ + b, back to (N, groups·size)
+            y = torch.baddbmm(b.unsqueeze(1), xb, w.mT)
+            outs.append(y.transpose(0, 1).reshape(shape[0], groups * size))
+            continue
         if reps > 1:
             w = w.repeat(reps, 1, 1)
             b = b.repeat(reps, 1)
