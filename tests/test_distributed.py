@@ -143,6 +143,14 @@ CASES: dict[str, tuple] = {
         2.0,
         False,
     ),
+    # init="warm": the second step is seeded from warm_mean, which must be the same on every rank
+    "mixture_warm": (
+        lambda: normlab.make_norm("mixture(k=3, em_iters=2, init='warm', warm_momentum=0.5)", 5),
+        (5, 4, 4),
+        1.0,
+        2.0,
+        False,
+    ),
     "mixture_2d": (
         lambda: normlab.make_norm("mixture(k=2, em_iters=3, queue_size=3)", 6),
         (6,),

@@ -31,19 +31,35 @@ Choices where the paper is open (see also :mod:`normlab.nn.gmm`):
   fit" of the batch; Eq. 35–36's statistics are one M-step further (they coincide only at EM
   convergence).
 * **Seeding** (``init``). ``"kmeans++"`` (default, the paper's Sec. 3.2): every batch is seeded
-  afresh. ``"warm"`` (an option, not in the paper): every batch after the first is seeded with the
-  previous batch's Eq. 35 means, so k-means/EM continue from the last fit instead of restarting
-  (a component that was pruned or lost its points restarts at the previous batch's mean). Why it
-  exists: with the paper's 1–2 iterations a fit from fresh seeds is far from converged and differs
-  from seed to seed — on small_cnn's activations (normlab quickstart) the same batch normalized
-  under different seeds differs by 28–38 % of the output's standard deviation, and the fits of 10
-  consecutive batches change a fixed probe's normalized output by 30–39 % (BN: 1.5–7 %; ``"warm"``:
+  afresh. ``"warm"`` (an option, not in the paper): every batch after the first is seeded with
+  ``warm_mean``, an exponential moving average of the past batches' Eq. 35 means,
+  ``warm_mean_k ← (1 − m)·warm_mean_k + m·μ_k`` with m = ``warm_momentum`` (the first fit is
+  copied), so k-means/EM continue from the recent fits instead of restarting. Component k of a
+  warm-started fit starts from seed k, so the components keep their identity and averaging them
+  per k is meaningful. A component that is absent from a batch's fit (pruned, or lost its
+  points; its Eq. 35 mean is the batch mean) is a new one: its seed is *replaced* by the batch
+  mean (momentum 1 for that component), i.e. it restarts at the data mean as with m = 1, rather
+  than averaging a dead component's old place with the data mean. With ``"kmeans++"`` components
+  have no identity across batches, so ``warm_mean`` just holds the latest Eq. 35 means (what a
+  switch to ``"warm"`` would seed from). ``warm_momentum = 1`` seeds from the previous batch's
+  means alone; that makes the seed a state updated with weight 1 per batch, which under batch
+  noise random-walks and now and then hops to another local optimum of the likelihood, late in
+  training when the network can no longer re-adapt (with a small-lr quickstart model's weights
+  frozen: training loss 0.081 → 0.142 over the steps with m = 1, flat 0.054–0.060 with m = 0.1;
+  quickstart, 3 seeds: final test accuracy 96.7 ± 1.6 % with m = 1, 97.5 ± 0.7 % with m = 0.1,
+  whose test error no longer rises late but plateaus at 2.5–3 % — m = 1 touches 1–1.5 % mid-run,
+  best 99.1 ± 0.2 % against 98.3 ± 0.7 %). Why ``"warm"`` exists: with the paper's 1–2
+  iterations a fit from fresh seeds is far from converged and differs from seed to seed — on
+  small_cnn's activations (normlab quickstart) the same batch normalized under different seeds
+  differs by 28–38 % of the output's standard deviation, and the fits of 10 consecutive batches
+  change a fixed probe's normalized output by 30–39 % (BN: 1.5–7 %; ``"warm"`` with m = 1:
   15–24 %). That noise is the paper's transform with the paper's fit budget (converged fits of
   the deeper layers' batches are unique), not a defect, but it costs: in the quickstart (SGD,
   every norm slot, 5 seeds) the final test accuracy is 93.4 ± 2.5 % with ``"kmeans++"`` and
-  97.1 ± 1.3 % with ``"warm"`` (em_iters = 4: 96.9 ± 1.4 % and 98.7 ± 0.6 %; BN 99.3 ± 0.3 %).
+  97.1 ± 1.3 % with ``"warm"``, m = 1 (em_iters = 4: 96.9 ± 1.4 % and 98.7 ± 0.6 %; BN 99.3 ± 0.3 %).
   ``"warm"`` also skips the seeding's random draws and cost. Under :func:`normlab.sync_stats` it
-  stays exact: the previous means are the shared fit's.
+  stays exact: the Eq. 35 means and the absent mask are the shared fit's, so ``warm_mean`` is the
+  same on every process.
 * **Pruning** (Sec. 5.3): components whose fitted λ_k < ``min_weight`` (always those with
   λ_k < 1e-6; never the largest) get posterior 0 and the posteriors of their points are
   renormalised over the remaining components (a mask — K keeps its shape, no host sync).
@@ -616,20 +632,25 @@ class MixtureNorm(nn.Module):
         activation: None or ``"relu"`` (fused, Eq. 40).
         inference: ``"consistent"`` (default) or ``"literal"`` reading of Eq. 38.
         init: ``"kmeans++"`` (default, the paper: fresh k-means++ seeds every batch) or ``"warm"``
-            (seed every batch after the first with the previous batch's means; not in the paper —
-            steadier fits, see the module docstring).
+            (seed every batch after the first with ``warm_mean``, a moving average of the past
+            batches' Eq. 35 means; not in the paper — steadier fits, see the module docstring).
+        warm_momentum: m of ``warm_mean ← (1 − m)·warm_mean + m·μ`` (``init="warm"``), in
+            (0, 1]; 1 seeds from the previous batch's means alone, which lets the fit random-walk
+            between local optima of the likelihood under batch noise (training loss and test
+            error rise late in training); the default 0.1 keeps it steady.
 
     Buffers: ``queue_weight`` (T, K), ``queue_mean``, ``queue_var`` (T, K, C) — the Eq. 35–36
     statistics —, ``queue_fit_weight`` (T, K), ``queue_fit_mean``, ``queue_fit_var`` (T, K, C) —
     the fitted mixtures (variances with the ε floor) —, ``queue_valid`` (T,) bool,
-    ``num_batches_tracked``; diagnostics of the latest training step (Sec. 5.2–5.3):
+    ``num_batches_tracked``, ``warm_mean`` (K, C) — the seed of ``init="warm"``; diagnostics of the latest training step (Sec. 5.2–5.3):
     ``last_weight`` (K,), ``last_mean``, ``last_var`` (K, C) and ``last_num_components`` (number of
     components not pruned) — all tensors, written without host synchronisation.
 
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
     """
 
-    _version = 2  # 2: the queue also keeps the fitted mixtures (queue_fit_*)
+    # 2: the queue also keeps the fitted mixtures (queue_fit_*); 3: warm_mean (init="warm" seed)
+    _version = 3
 
     def __init__(
         self,
@@ -645,6 +666,7 @@ class MixtureNorm(nn.Module):
         activation: str | None = None,
         inference: str = "consistent",
         init: str = "kmeans++",
+        warm_momentum: float = 0.1,
     ) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features", _LAYER)
@@ -663,6 +685,7 @@ class MixtureNorm(nn.Module):
         self.activation = _check_activation(activation, _LAYER)
         self.inference = _check_reading(inference, _LAYER)
         self.init = _check_init(init)
+        self.warm_momentum = _check_unit(warm_momentum, "warm_momentum", 0.0, 1.0, False, True)
         c, t = num_features, self.queue_size
         if affine:
             self.weight = nn.Parameter(torch.ones(c))
@@ -682,8 +705,9 @@ class MixtureNorm(nn.Module):
         self.register_buffer("last_mean", torch.zeros(k, c))
         self.register_buffer("last_var", torch.ones(k, c))
         self.register_buffer("last_num_components", torch.tensor(0, dtype=torch.long))
-        # whether the newest queue slot holds a fit of this module (init="warm" seeds from it); a
-        # Python flag, so that the hot path never reads a tensor to decide
+        self.register_buffer("warm_mean", torch.zeros(k, c))
+        # whether warm_mean holds fitted means (init="warm" seeds from it; the first fit is copied
+        # into it); a Python flag, so that the hot path never reads a tensor to decide
         self._has_fit = False
         self.reset_parameters()
 
@@ -701,6 +725,7 @@ class MixtureNorm(nn.Module):
         self.last_mean.zero_()
         self.last_var.fill_(1.0)
         self.last_num_components.zero_()
+        self.warm_mean.zero_()
         self._has_fit = False
 
     def reset_parameters(self) -> None:
@@ -738,8 +763,8 @@ class MixtureNorm(nn.Module):
         xl = _layout(x).to(dt)
         ps = PointSet(xl)
         init_centers = None
-        if self.init == "warm" and self._has_fit:  # the previous batch's Eq. 35 means
-            init_centers = self.queue_mean[-1].to(dt) - ps.shift
+        if self.init == "warm" and self._has_fit:  # the moving average of past Eq. 35 means
+            init_centers = self.warm_mean.to(dt) - ps.shift
         nu, keep, fit = _fit_posteriors(
             ps,
             self.k,
@@ -773,6 +798,13 @@ class MixtureNorm(nn.Module):
             (self.queue_valid, torch.ones((), dtype=torch.bool, device=lam.device)),
         ):
             buf.copy_(torch.cat([buf[1:], new.to(buf.dtype)[None]]))
+        if self._has_fit and self.init == "warm":
+            # per-component momentum: m for a component of the fit, 1 (restart at its Eq. 35 mean,
+            # the batch mean) for one absent from it — see the module docstring
+            m = torch.where(lam > 0, self.warm_momentum, 1.0).to(self.warm_mean.dtype)
+            self.warm_mean.lerp_(mean.to(self.warm_mean.dtype), m[:, None])
+        else:  # the first fit, or fresh seeding (no component identity): the latest means
+            self.warm_mean.copy_(mean)
         self._has_fit = True
         self.last_weight.copy_(lam)
         self.last_mean.copy_(mean)
@@ -792,6 +824,11 @@ class MixtureNorm(nn.Module):
                 if key not in state_dict:
                     v = state_dict[f"{prefix}queue_{name}"]
                     state_dict[key] = v + self.eps if name == "var" else v
+        # checkpoints written before warm_mean (version < 3) seeded init="warm" from the newest
+        # queued Eq. 35 means: start the moving average there
+        key = prefix + "warm_mean"
+        if version < 3 and key not in state_dict and prefix + "queue_mean" in state_dict:
+            state_dict[key] = state_dict[prefix + "queue_mean"][-1].clone()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -809,5 +846,6 @@ class MixtureNorm(nn.Module):
             f"{self.num_features}, k={self.k}, em_iters={self.em_iters}, eps={self.eps}, "
             f"affine={self.affine}, queue_size={self.queue_size}, queue_decay={self.queue_decay}, "
             f"min_weight={self.min_weight}, sample_fraction={self.sample_fraction}, "
-            f"activation={self.activation}, inference={self.inference!r}, init={self.init!r}"
+            f"activation={self.activation}, inference={self.inference!r}, init={self.init!r}, "
+            f"warm_momentum={self.warm_momentum}"
         )
