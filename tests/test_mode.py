@@ -564,3 +564,172 @@ def test_double_backward_is_refused_clearly():
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# (N, C) input: the hand-written backward of the MLP paths against plain-autograd oracles
+
+
+def _oracle_mode_norm_2d(x, gw, gb, w, b, eps=1e-5):
+    """Eq. 2–3 for (N, C) input written out with autograd (σ²_k about μ_k, no shortcuts)."""
+    logits = x @ gw.T + (0.0 if gb is None else gb)
+    g = torch.softmax(logits, dim=1)  # (N, K)
+    nk = g.sum(0)
+    mu = (g.T @ x) / nk[:, None]  # (K, C)
+    y = torch.zeros_like(x)
+    var = []
+    for k in range(gw.shape[0]):
+        var_k = (g[:, k : k + 1] * (x - mu[k]) ** 2).sum(0) / nk[k]
+        var.append(var_k)
+        y = y + g[:, k : k + 1] * (x - mu[k]) / torch.sqrt(var_k + eps)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y, mu, torch.stack(var)
+
+
+def _oracle_mgn_2d(x, gw, gb, w, b, combine, eps=1e-5):
+    """Sec. 3.3 / Eq. 5 for (N, C) input: channel gates per sample, written out with autograd."""
+    logits = x.unsqueeze(2) * gw.reshape(1, 1, -1) + (0.0 if gb is None else gb)
+    g = torch.softmax(logits, dim=2)  # (N, C, K)
+    k = gw.shape[0]
+    y = torch.zeros_like(x)
+    for j in range(k):
+        gj = g[:, :, j]
+        ck = gj.sum(1, keepdim=True)
+        mu = (gj * x).sum(1, keepdim=True) / ck
+        var = (gj * (x - mu) ** 2).sum(1, keepdim=True) / ck
+        z = (x - mu) / torch.sqrt(var + eps)
+        y = y + (z / k if combine == "mean" else gj * z)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("gate_bias", [True, False])
+def test_mode_norm_2d_training_matches_autograd_oracle(k, affine, gate_bias):
+    gen = torch.Generator().manual_seed(20 + k)
+    n, c = 11, 5
+    dt = torch.float64
+    x = torch.randn(n, c, generator=gen, dtype=dt) * 2 + torch.linspace(-2, 2, n, dtype=dt)[:, None]
+    gw = torch.randn(k, c, generator=gen, dtype=dt)
+    gb = torch.randn(k, generator=gen, dtype=dt) if gate_bias else None
+    w = torch.randn(c, generator=gen, dtype=dt) if affine else None
+    b = torch.randn(c, generator=gen, dtype=dt) if affine else None
+    gy = torch.randn(n, c, generator=gen, dtype=dt)
+    rm, rsq = torch.zeros(k, c, dtype=dt), torch.ones(k, c, dtype=dt)
+    ins = _leaves(x, gw, gb, w, b)
+    y = normlab.mode_norm(ins[0], ins[1], ins[2], rm, rsq, ins[3], ins[4], True, 0.25, 1e-5)
+    y.backward(gy)
+    ref_ins = _leaves(x, gw, gb, w, b)
+    ref, mu, var = _oracle_mode_norm_2d(*ref_ins)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(ins, ref_ins):
+        if want is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rm, 0.25 * mu.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rsq, 0.75 + 0.25 * (var + mu**2).detach(), rtol=1e-10, atol=1e-12)
+    # only the parameters need gradients: same parameter gradients
+    params = _leaves(gw, gb, w, b)
+    normlab.mode_norm(x, params[0], params[1], None, None, params[2], params[3]).backward(gy)
+    for got, want in zip(params, ref_ins[1:]):
+        if want is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("combine", ["mean", "gated"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_mgn_2d_matches_autograd_oracle(k, combine, affine):
+    gen = torch.Generator().manual_seed(40 + k)
+    n, c = 4, 7
+    dt = torch.float64
+    x = torch.randn(n, c, generator=gen, dtype=dt) * torch.linspace(0.5, 3, c, dtype=dt) + 0.5
+    gw = torch.randn(k, 1, generator=gen, dtype=dt)
+    gb = torch.randn(k, generator=gen, dtype=dt) if k != 2 else None  # K = 2 both ways below
+    w = torch.randn(c, generator=gen, dtype=dt) if affine else None
+    b = torch.randn(c, generator=gen, dtype=dt) if affine else None
+    gy = torch.randn(n, c, generator=gen, dtype=dt)
+    for bias in [gb] if k != 2 else [None, torch.tensor([0.3, -0.4], dtype=dt)]:
+        ins = _leaves(x, gw, bias, w, b)
+        y = normlab.mode_group_norm(*ins, eps=1e-5, combine=combine)
+        y.backward(gy)
+        ref_ins = _leaves(x, gw, bias, w, b)
+        ref = _oracle_mgn_2d(*ref_ins, combine)
+        ref.backward(gy)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        for got, want in zip(ins, ref_ins):
+            if want is not None:
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("layer_fn", [
+    lambda: ModeNorm(4, k=3),
+    lambda: ModeGroupNorm(4, k=2),
+    lambda: ModeGroupNorm(4, k=3, combine="gated"),
+])  # fmt: skip
+def test_2d_double_backward_matches_plain_autograd(layer_fn):
+    """(N, C) input stays twice differentiable (the backward replays plain autograd)."""
+    torch.manual_seed(17)
+    layer = layer_fn().double()
+    _randomize(layer, seed=17)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    (hvp,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    w, gb, a, b = (layer.gate.weight, layer.gate.bias, layer.weight, layer.bias)
+    if isinstance(layer, ModeNorm):
+        ref_fn = lambda t: _oracle_mode_norm_2d(t, w, gb, a, b)[0]  # noqa: E731
+    else:
+        ref_fn = lambda t: _oracle_mgn_2d(t, w, gb, a, b, layer.combine)  # noqa: E731
+    xr = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad(ref_fn(xr).pow(2).sum(), xr, create_graph=True)
+    (hr,) = torch.autograd.grad(gr.pow(2).sum(), xr)
+    torch.testing.assert_close(gx, gr, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(hvp, hr, rtol=1e-8, atol=1e-8)
+
+
+def test_mode_norm_2d_collapsed_gates_equal_batch_norm_and_dead_mode_keeps_running_stats():
+    torch.manual_seed(18)
+    layer = ModeNorm(4, k=2)
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.bias.copy_(torch.tensor([100.0, -100.0]))  # mode 2 gets exactly 0
+    x = (torch.randn(16, 4) * 2 + 1).requires_grad_()
+    g = torch.randn(16, 4)
+    y = layer(x)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    ref = F.batch_norm(x2, None, None, training=True, eps=1e-5)
+    ref.backward(g)
+    torch.testing.assert_close(y.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    torch.testing.assert_close(layer.running_mean[1], torch.zeros(4))
+    torch.testing.assert_close(layer.running_sqmean[1], torch.ones(4))
+
+
+@pytest.mark.parametrize("layer_fn", [lambda: ModeNorm(6, k=2), lambda: ModeGroupNorm(6, k=2)])
+def test_2d_half_input_float32_statistics(layer_fn):
+    torch.manual_seed(19)
+    layer = layer_fn()
+    x = torch.randn(32, 6) * 2 + 1
+    ref = layer(x).detach()
+    if isinstance(layer, ModeNorm):
+        layer.reset_running_stats()
+    xb = x.to(torch.bfloat16).requires_grad_()
+    y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+    y.float().square().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+    assert layer.gate.weight.grad.dtype == torch.float32

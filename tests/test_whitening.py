@@ -575,3 +575,66 @@ def test_registry_specs_forward_backward(spec, shape):
 def test_exported_names():
     assert normlab.IterNorm is IterNorm and normlab.DBN is DBN
     assert "iternorm" in normlab.available_norms() and "dbn" in normlab.available_norms()
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written Newton backward, twice differentiability, (N, C) row layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _coupled_newton_reference(a: torch.Tensor, iters: int) -> torch.Tensor:
+    """The coupled iteration (Y_0 = A, Z_0 = I, S = (3I − Z Y)/2, Y ← Y S, Z ← S Z), autograd."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    y, z = a, eye.expand_as(a)
+    for _ in range(iters):
+        s = 0.5 * (3 * eye - z @ y)
+        y, z = y @ s, s @ z
+    return z
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5, 8])
+def test_newton_backward_equals_autograd_of_the_coupled_iteration(iters):
+    torch.manual_seed(iters)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    a = x @ x.mT / 12 + 0.1 * torch.eye(5, dtype=torch.float64)
+    a = a / a.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    a = a + 0.01 * torch.randn(3, 5, 5, dtype=torch.float64)  # not symmetric: exact transposes
+    g = torch.randn(3, 5, 5, dtype=torch.float64)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    z = newton_inverse_sqrt(a1, iters)
+    ref = _coupled_newton_reference(a2, iters)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    (z * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-11, atol=1e-12)
+    a3 = a.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: newton_inverse_sqrt(t, iters), (a3,))
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (3, 5, 2)])
+def test_iternorm_is_twice_differentiable(shape):
+    m = _randomize_affine(IterNorm(5, group_size=3, iters=3).double())  # groups of 3 and 2
+    x = _correlated(shape, seed=12).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x: m(x), (x,))
+
+
+@pytest.mark.parametrize("spec", ["iternorm(group_size=4, iters=5)", "dbn(group_size=3)"])
+@pytest.mark.parametrize("c", [12, 10])
+def test_2d_output_and_input_gradient_are_contiguous_and_match_4d(spec, c):
+    """(N, C) input runs on row batches; it equals the same data as (N, C, 1, 1)."""
+    x = _correlated((40, c), seed=13).requires_grad_(True)
+    m = _randomize_affine(normlab.make_norm(spec, c).double())
+    y = m(x)
+    assert y.is_contiguous()
+    g = torch.randn(40, c, dtype=torch.float64)
+    y.backward(g)
+    assert x.grad.is_contiguous()
+    m4 = _randomize_affine(normlab.make_norm(spec, c).double())
+    x4 = x.detach().clone().reshape(40, c, 1, 1).requires_grad_(True)
+    y4 = m4(x4)
+    y4.backward(g.reshape(40, c, 1, 1))
+    torch.testing.assert_close(y, y4.reshape(40, c), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x.grad, x4.grad.reshape(40, c), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(m.weight.grad, m4.weight.grad, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(m.running_wm, m4.running_wm, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m.running_mean, m4.running_mean, rtol=1e-9, atol=1e-12)

@@ -44,8 +44,22 @@ Implementation notes (shared by both layers):
   few times and only one large tensor is allocated per direction (like ``nn.BatchNorm2d``):
   forward = spatial mean, x − m, ‖x − m‖², then ``x * scale + shift`` into the same buffer;
   backward = Σ g·x and Σ g, the small (N, C) graph differentiated by autograd, then
-  ``∂x = g * scale + a * x + b`` in one buffer. Double backward is not supported for such input;
-  ``(N, C)`` input uses plain autograd.
+  ``∂x = g * scale + a * x + b`` in one buffer. Double backward is not supported for such input.
+* **(N, C) input** (MLPs; one position per sample and channel, so m = x and v = 0). Training-mode
+  ModeNorm (``_ModeNormTrain2d``) and MGN (``_MGNorm2d``) are single autograd Functions with a
+  hand-written backward: plain autograd over the same formulas keeps about a dozen full-size
+  intermediates and runs a broadcast product plus a reduction per elementwise step, which made
+  these layers 6× slower than BatchNorm1d / GroupNorm at (256, 512). ModeNorm allocates two (N, C)
+  tensors per direction and keeps its gates transposed, (K, N) (a softmax over a leading
+  dimension is much faster on CPU than one over a last dimension of size K); products with an
+  inner dimension of K ≤ 4 run as K broadcast multiply-adds on CPU (``_gate_sum``: a matrix
+  product with an inner dimension of 2–4 is several times slower there than an elementwise
+  pass). MGN keeps its gates mode-major, (K, N, C), computes K = 2 gates as the two-way softmax
+  σ(±((ψ_1 − ψ_2)·x + b_1 − b_2)) and uses one (N, C) scratch buffer per mode loop. The gradients
+  of ModeNorm's batch sums are all-reduced in the backward as autograd through
+  :func:`normlab.nn.stats.reduce_sums` would do. Double backward (``create_graph=True``) stays
+  supported for (N, C) input: it differentiates a plain-autograd replay of the forward. Eval-mode
+  ModeNorm on (N, C) input uses plain autograd (its graph is small).
 * **Statistics.** Per (sample, channel) the layer computes the spatial mean m and the within-sample
   variance v (centred at m, so no cancellation at the level of the big tensor); then
   :math:`\sigma^2_k = \frac1{N_k}\sum_n g_{nk}\,(v_n + (m_n-c)^2) - (\mu_k-c)^2`, which equals
@@ -347,9 +361,7 @@ def mode_norm_statistics(
 # ModeNorm on (N, C) input in training mode: one fused autograd Function
 
 
-def _gate_sum(
-    gt: Tensor, v: Tensor, out: Tensor | None = None, accumulate: bool = False
-) -> Tensor:
+def _gate_sum(gt: Tensor, v: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
     """``gtᵀ v`` (N, C) for ``gt`` (J, N) and ``v`` (J, C), written into ``out`` when given, or added
     to it in place with ``accumulate=True`` (``out`` contiguous (N, C)).
 
@@ -758,10 +770,11 @@ def _mgn2d_forward(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """MGN of (N, C) ``z`` (already in the statistics dtype): the output and what the backward
     needs. The gates are laid out mode-major, ``g`` (K, N, C); for K = 2 they are
-    ``σ(±((w_1 − w_2) z + b_1 − b_2))`` (the two-way softmax, half the exponentials). With
-    m = z − mean_c(z) per sample, the per-(mode, sample) sums C_k, Σ_c g m and Σ_c g m² run one
-    mode at a time through one (N, C) scratch buffer, which then receives the normalized
-    ``u = Σ_k w_k s_k (m − μ_k + c)`` (w_k = 1/K or the gate), and ``y = α u + β``."""
+    ``σ(±((ψ_1 − ψ_2) z + b_1 − b_2))`` (the two-way softmax without its normalising pass). With
+    m = z − c (c the sample's channel average, a constant for conditioning only), the
+    per-(mode, sample) sums Σ_c g, Σ_c g m and Σ_c g m² run one mode at a time through one (N, C)
+    scratch buffer, which then receives ``u = Σ_k w_k s_k (z − μ_k)`` (w_k = 1/K for ``mean``,
+    the gate g_k for ``gated``); ``y = α u + β``."""
     n, c = z.shape
     k = gw.shape[0]
     gwv = gw.reshape(k)
@@ -801,10 +814,12 @@ def _mgn2d_forward(
         u.mul_(m)
         for j in range(k):
             u.addcmul_(g[j], _col(sm[j]), value=-1)
-    if w is None:
-        y = u if b is None else u + b
-    else:
+    if w is not None:
         y = u * w if b is None else torch.addcmul(b, u, w)
+    elif b is not None:
+        y = u + b
+    else:
+        y = u
     return y, (g, m, u, sum1, sum2, ck, mu, var_raw, s)
 
 

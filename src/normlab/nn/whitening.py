@@ -25,15 +25,32 @@ With ``group_size=1`` both reduce exactly to batch normalization (Sec. 4, "Effec
 
 **Back-propagation** is by autograd through the whole computation, the mean and
 :math:`\operatorname{tr}\Sigma` included (Eq. 6–7), so the gradient is exactly that of Eq. 6–7 /
-Algorithm 2. The cost is in the five ``m × d`` by ``d × d`` products per step (forward: Σxxᵀ and the
-output; backward: ``∂L/∂W = ∂L/∂Y·Xᵀ``, ``Wᵀ·∂L/∂Y`` and the covariance term ``(Ḡ + Ḡᵀ)X``), the
-same five a hand-written Algorithm 2 needs; the covariance term is one product, not two, because
-:func:`normlab.nn.stats.gram_sums` has a symmetric backward, and the statistics and the output
-share one view of the input so autograd accumulates their gradients in place. No hand-written
-Algorithm 2 is used: it could at best save one full-size gradient buffer and its add (measured
-≈ 1 ms of a ≈ 30 ms step on one CPU core, and the same peak-memory saving), and it would have to redo by hand the cross-process reduction that autograd
-through :func:`normlab.nn.stats.reduce_sums` gets right. The d × d Newton steps are cheap next to
-the products (≈ 1 ms for two 64 × 64 groups, forward + backward, on one CPU core).
+Algorithm 2. The data cost is in the five ``m × d`` by ``d × d`` products per step (forward: Σxxᵀ
+and the output; backward: ``∂L/∂W = ∂L/∂Y·Xᵀ``, ``Wᵀ·∂L/∂Y`` and the covariance term
+``(Ḡ + Ḡᵀ)X``), the same five a hand-written Algorithm 2 needs; the covariance term is one product,
+not two, because the Gram sums have a symmetric backward, and the statistics and the output share
+one copy/view of the input so autograd accumulates their gradients in place. No hand-written
+Algorithm 2 is used: it could at best save one full-size gradient buffer and its add, and it would
+have to redo by hand the cross-process reduction that autograd through
+:func:`normlab.nn.stats.reduce_sums` gets right. Two pieces do have a hand-written backward:
+
+* the Newton iteration (``_NewtonSchulz``): the exact reverse pass of the coupled iteration
+  (3T − 3 batched d × d products forward, Y_T is never formed; 6 per step backward), with the
+  iterates in preallocated stacks. For small batches the d × d work is *not* cheap next to the
+  products: with (N, C) = (256, 512) and d = 64 the 36 Newton products of T = 5 cost about twice
+  the five data products. Double backward differentiates the plain-autograd iteration instead, so
+  IterNorm stays twice differentiable.
+* DBN's eigen-backward (below).
+
+**(N, C) input** (MLPs) is whitened on *row batches*: the channels (zero-padded to G·d when d does
+not divide C) are copied once into a contiguous ``(G, N, d)`` batch — one N × d data matrix per
+group — that the statistics (``XᵀX``, through :func:`normlab.nn.stats.reduce_sums` like
+:func:`normlab.nn.stats.gram_sums`) and the output product (``X W_effᵀ``, written straight into the
+(N, C) output through a strided view) share. :func:`normlab.nn.stats.group_batch`'s ``(G, d, N)`` view of an (N, C) tensor has the
+batch as its strided inner dimension, which made the products, the (transposed) output and the
+gradient accumulated into ``x`` each pay a slow transposing copy. The padded channels are zero, so
+the padded last block of Σ is ``blockdiag(Σ_last, εI)``; its padding is replaced by the identity
+(see below), so the last group is whitened on its own, exactly as for ``(N, C, *)`` input.
 
 DBN's eigen-backward uses the closed-form Loewner (divided-difference) matrix of
 :math:`f(\lambda) = \lambda^{-1/2}`,
@@ -53,10 +70,12 @@ finite for repeated eigenvalues, where the textbook eigenvector backward divides
 * ``group_size`` larger than C is clamped to C (one group), so specs like ``iternorm`` work on any
   width; a non-dividing ``group_size`` leaves a smaller last group of ``C mod d`` channels, whitened on
   its own (its trace, its Newton iteration), exactly as if it were a separate layer.
-* The m×d products run as at most two batched calls (the full groups, then the last smaller group);
-  the d×d work (Newton or eigendecomposition) is one batched call, the last group padded with an
-  identity block (exact: the blocks never mix, and the identity is a fixed point of Eq. 3).
-  In ``running_wm`` the padded entries of the last group stay at the identity and are unused.
+* The m×d products run as at most two batched calls for ``(N, C, *)`` input (the full groups,
+  then the last smaller group) and as one on zero-padded row batches for ``(N, C)`` input; the d×d
+  work (Newton or eigendecomposition) is one batched call, the last group padded with an identity
+  block (exact: the blocks never mix, and the identity is a fixed point of Eq. 3; the last group's
+  trace is taken over its real channels). In ``running_wm`` the padded entries of the last group
+  stay at the identity and are unused.
 * The covariance comes from sums (Σx, Σxxᵀ), so a distributed run can all-reduce them
   (:mod:`normlab.nn.stats`); in float32 this loses precision when a channel's mean is much larger
   than its spread (as E[x²]−E[x]² does in any one-pass BN).
@@ -64,7 +83,9 @@ finite for repeated eigenvalues, where the textbook eigenvector backward divides
   float32 for float16/bfloat16 input (with autocast disabled inside the layer) and the input dtype
   otherwise; ``stat_dtype="float64"`` forces double. The output has the input's dtype.
 * DBN's eigendecomposition always runs in float64 (a ``G·d³`` cost, negligible next to the ``m·d²``
-  products) and its eigenvalues are clamped below at ε before :math:`\lambda^{-1/2}`. In exact
+  products of convolutional batches; for (N, C) input with m a few times d it dominates the step:
+  LAPACK's batched ``eigh`` of eight 64 × 64 matrices takes ≈ 2 ms on one CPU core, ≈ 40 % of
+  ``dbn(group_size=64)`` on (256, 512)) and its eigenvalues are clamped below at ε before :math:`\lambda^{-1/2}`. In exact
   arithmetic :math:`\Sigma \succeq \epsilon I`, so the clamp only removes rounding error; it is the
   documented fallback for ill-conditioned or singular groups (duplicated or constant channels,
   N·H·W < d, …) and needs no host synchronisation. ``max_condition`` adds an explicit check (one host
@@ -81,6 +102,7 @@ finite for repeated eigenvalues, where the textbook eigenvector backward divides
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -259,16 +281,17 @@ class _NewtonSchulz(torch.autograd.Function):
             return ga, None
         if iters == 1:
             return grad * -0.5, None
-        gz = grad.contiguous()
+        gz = grad
         gy: Tensor | None = None
-        g_s = torch.empty_like(gz)
-        for k in range(iters - 1, 0, -1):  # the step that made Z_{k+1} (and Y_{k+1})
+        work = grad.new_empty(5, *grad.shape)  # ∂S and two ping-pong pairs for ∂Z, ∂Y
+        g_s = work[0]
+        for i, k in enumerate(range(iters - 1, 0, -1)):  # the step that made Z_{k+1}, Y_{k+1}
             s, z, y = ss[k - 1], zs[k - 1], ys[k - 1]
             torch.bmm(gz, z.mT, out=g_s)
             if gy is not None:
                 g_s.baddbmm_(y.mT, gy)
-            gz_new = torch.bmm(s.mT, gz).baddbmm_(g_s, y.mT, alpha=-0.5)
-            gy_new = torch.bmm(z.mT, g_s).mul_(-0.5)
+            gz_new = torch.bmm(s.mT, gz, out=work[1 + i % 2]).baddbmm_(g_s, y.mT, alpha=-0.5)
+            gy_new = torch.bmm(z.mT, g_s, out=work[3 + i % 2]).mul_(-0.5)
             if gy is not None:
                 gy_new.baddbmm_(gy, s.mT)
             gz, gy = gz_new, gy_new
@@ -358,24 +381,15 @@ def zca_whitening_matrix(
 
 
 def _part_batches(x: Tensor, layout: GroupLayout) -> list[tuple[Tensor, int]]:
-    """The data of each uniform part (all groups, or the full groups and the last smaller one),
-    shared by the statistics and the output product.
-
-    ``(N, C, *)`` input: :func:`normlab.nn.stats.group_batch` views ``(R·groups, size, L)`` for
-    left-multiplication by per-group ``size × size`` blocks, with ``R = N``. ``(N, C)`` input:
-    contiguous *row* batches ``(groups, N, size)`` (one N × size data matrix per group, ``R = 0``
-    marks this layout): ``group_batch``'s ``(groups, size, N)`` view of an (N, C) tensor has N as
-    its strided inner dimension, so the products on it, the transposed output and the gradient
-    accumulated through it each pay a slow transposing copy; the row layout costs one fast copy
-    in and one out."""
+    """:func:`normlab.nn.stats.group_batch` of each uniform part (all groups, or the full groups
+    and the last smaller one) of ``(N, C, *)`` input: ``(R·groups, size, L)`` batches for
+    left-multiplication by per-group ``size × size`` blocks, shared by the statistics and the
+    output product. (``(N, C)`` input uses row batches, see :func:`_whiten_2d`.)"""
     out = []
     for start, _, groups, size in layout.parts():
         width = groups * size
         xs = x if width == x.shape[1] else x[:, start : start + width]
-        if x.dim() == 2:
-            out.append((xs.reshape(x.shape[0], groups, size).transpose(0, 1).contiguous(), 0))
-        else:
-            out.append(group_batch(xs, size))
+        out.append(group_batch(xs, size))
     return out
 
 
@@ -399,6 +413,32 @@ class _RowGramSums(torch.autograd.Function):
         if grad_s1 is None:
             return torch.bmm(a, sym)
         return torch.baddbmm(grad_s1.unsqueeze(1), a, sym)
+
+
+class _RowProduct(torch.autograd.Function):
+    """``Y = X_g W_gᵀ + b_g`` for row batches ``X`` (G, N, d), written straight into the
+    ``(N, G·d)`` output through a strided view (autograd's ``baddbmm`` would return (G, N, d) and
+    need a transposing copy back). Backward: ``∂X = ∂Y W``, ``∂W = (Xᵀ ∂Y)ᵀ``, ``∂b = Σ_n ∂Y``
+    on the (G, N, d) view of ∂Y. Twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, w: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        g, n, d = rows.shape
+        y = rows.new_empty(n, g * d)
+        torch.baddbmm(shift.unsqueeze(1), rows, w.mT, out=y.view(n, g, d).transpose(0, 1))
+        ctx.save_for_backward(rows, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        rows, w = ctx.saved_tensors
+        g, n, d = rows.shape
+        gy_t = gy.reshape(n, g, d).transpose(0, 1)  # (G, N, d)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g_rows = torch.bmm(gy_t, w) if need_x else None
+        g_w = torch.bmm(rows.mT, gy_t).mT if need_w else None
+        g_b = gy_t.sum(1) if need_b else None
+        return g_rows, g_w, g_b
 
 
 def _row_gram_sums(rows: Tensor) -> CovarianceSums:
@@ -447,12 +487,28 @@ def _batch_moments(batches: list[tuple[Tensor, int]], eps: float) -> tuple[Tenso
     sums of each part (:func:`normlab.nn.stats.gram_sums`)."""
     means, sigmas = [], []
     for xb, reps in batches:
-        count, s1, outer = gram_sums(xb, reps) if reps else _row_gram_sums(xb)
+        count, s1, outer = gram_sums(xb, reps)
         mu = s1 / count
         eye = torch.eye(mu.shape[-1], dtype=outer.dtype, device=outer.device)
         sigmas.append(outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye)
         means.append(mu.reshape(-1))
     return (torch.cat(means) if len(means) > 1 else means[0]), sigmas
+
+
+def _fold_affine(
+    layout: GroupLayout, wm: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``W_eff = diag(γ) W`` (G, d, d) and ``b = β − W_eff μ`` (G, d): the affine and the centring
+    folded into the blocks and a shift, so that the output product is the only pass over the
+    data."""
+    w_eff = wm
+    if weight is not None:
+        w_eff = wm * _pad_channels(weight.to(wm.dtype), layout, 1.0).unsqueeze(-1)
+    mu = _pad_channels(mean, layout, 0.0)
+    shift = -(w_eff @ mu.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        shift = shift + _pad_channels(bias.to(wm.dtype), layout, 0.0)
+    return w_eff, shift
 
 
 def _apply_whitening(
@@ -464,32 +520,79 @@ def _apply_whitening(
     weight: Tensor | None,
     bias: Tensor | None,
 ) -> Tensor:
-    """``y = γ ⊙ W (x - μ) + β`` with W block diagonal ``(G, d, d)``, as at most two ``baddbmm``.
-
-    The affine and the centring are folded into the d × d blocks and a shift (``W_eff = diag(γ) W``,
-    ``b = β - W_eff μ``), so the product is the only pass over the data.
-    """
-    w_eff = wm
-    if weight is not None:
-        w_eff = wm * _pad_channels(weight.to(wm.dtype), layout, 1.0).unsqueeze(-1)
-    mu = _pad_channels(mean, layout, 0.0)
-    shift = -(w_eff @ mu.unsqueeze(-1)).squeeze(-1)
-    if bias is not None:
-        shift = shift + _pad_channels(bias.to(wm.dtype), layout, 0.0)
+    """``y = γ ⊙ W (x - μ) + β`` with W block diagonal ``(G, d, d)``, as at most two ``baddbmm``
+    (see :func:`_fold_affine`)."""
+    w_eff, shift = _fold_affine(layout, wm, mean, weight, bias)
     outs = []
     for (xb, reps), (_, g0, groups, size) in zip(batches, layout.parts()):
         w = w_eff[g0 : g0 + groups, :size, :size]
         b = shift[g0 : g0 + groups, :size]
-        if reps == 0:  # row batch (groups, N, size): Y = X Wᵀ + b, back to (N, groups·size)
-            y = torch.baddbmm(b.unsqueeze(1), xb, w.mT)
-            outs.append(y.transpose(0, 1).reshape(shape[0], groups * size))
-            continue
         if reps > 1:
             w = w.repeat(reps, 1, 1)
             b = b.repeat(reps, 1)
         y = torch.baddbmm(b.unsqueeze(-1), w, xb)
         outs.append(_unbatched(y, shape, groups, size))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(num_groups: int, d: int, last: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a layout whose last group has ``last < d`` channels: the (G, d, d) mask of the real
+    block entries and the (G, d) mask of the real channels (the rest is padding)."""
+    real = torch.ones(num_groups, d, dtype=torch.bool, device=device)
+    real[-1, last:] = False
+    return real.unsqueeze(-1) & real.unsqueeze(-2), real
+
+
+def _whiten_2d(
+    x: Tensor,
+    layout: GroupLayout,
+    matrix_fn: Callable[[Tensor], Tensor],
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_wm: Tensor | None,
+    training: bool,
+    momentum: float,
+) -> Tensor:
+    """:func:`_whiten` for ``(N, C)`` input (already in the compute dtype), on *row batches*.
+
+    The channels (zero-padded to G·d when d does not divide C) are copied once into a contiguous
+    ``(G, N, d)`` batch — one N × d data matrix per group — used by the statistics
+    (:class:`_RowGramSums`, ``XᵀX``) and the output product (``X W_effᵀ``), and the output is
+    copied back to ``(N, C)``. (The ``(G, d, N)`` view of :func:`normlab.nn.stats.group_batch`
+    has the batch as its strided inner dimension: products on it, the transposed output and the
+    gradient accumulated through it each pay a slow transposing copy.) A zero-padded channel has
+    zero mean and zero covariance with the others, so the padded last block of Σ is
+    ``blockdiag(Σ_last, εI)``; the matrix functions replace its padding by the identity, as for
+    ``(N, C, *)`` input, so the last group is still whitened on its own."""
+    n, c = x.shape
+    g, d = layout.num_groups, layout.group_size
+    if g * d != c:
+        x = F.pad(x, (0, g * d - c))
+    rows = x.reshape(n, g, d).transpose(0, 1).contiguous()
+    if training:
+        count, s1, outer = _row_gram_sums(rows)
+        mu = s1 / count  # (G, d)
+        eye = torch.eye(d, dtype=outer.dtype, device=outer.device)
+        wm = matrix_fn(outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye)
+        mean = mu.reshape(-1)[:c]
+        if running_mean is not None and running_wm is not None:
+            with torch.no_grad():
+                running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+                running_wm.lerp_(wm.detach().to(running_wm.dtype), momentum)
+    else:
+        if running_mean is None or running_wm is None:
+            raise ValueError("running_mean and running_wm are required when training=False")
+        mean, wm = running_mean.to(x.dtype), running_wm.to(x.dtype)
+    w_eff, shift = _fold_affine(layout, wm, mean, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_eff, shift)):
+        y = _RowProduct.apply(rows, w_eff, shift)
+    else:
+        y = rows.new_empty(n, g * d)
+        torch.baddbmm(shift.unsqueeze(1), rows, w_eff.mT, out=y.view(n, g, d).transpose(0, 1))
+    return y if g * d == c else y[:, :c].contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +630,7 @@ def _no_autocast(x: Tensor):
 def _whiten(
     x: Tensor,
     layout: GroupLayout,
-    matrix_fn: Callable[[list[Tensor]], Tensor],
+    matrix_fn: Callable[[Tensor], Tensor],
     eps: float,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -542,10 +645,16 @@ def _whiten(
     ``γ ⊙ W(x − μ) + β``; everything in the compute dtype with autocast off."""
     dt = _compute_dtype(x, stat_dtype)
     with _no_autocast(x):
+        if x.dim() == 2:
+            y = _whiten_2d(
+                x.to(dt), layout, matrix_fn, eps, weight, bias, running_mean, running_wm,
+                training, momentum,
+            )  # fmt: skip
+            return y.to(x.dtype)
         batches = _part_batches(x.to(dt), layout)
         if training:
             mean, sigmas = _batch_moments(batches, eps)
-            wm = matrix_fn(sigmas)
+            wm = matrix_fn(_pad_blocks(sigmas, layout.group_size))
             if running_mean is not None and running_wm is not None:
                 with torch.no_grad():
                     running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
@@ -559,40 +668,50 @@ def _whiten(
 
 
 def _iternorm_matrix_fn(layout: GroupLayout, iters: int, eps: float):
-    d = layout.group_size
+    """Σ (G, d, d) -> IterNorm's W (G, d, d). When the last group is smaller than d, the
+    padding of its block (whatever it holds) is replaced by the identity before the iteration
+    (a fixed point of Eq. 3, and it leaves that group's trace alone) and after it."""
 
-    def fn(sigmas: list[Tensor]) -> Tensor:
-        trs = [s.diagonal(dim1=-2, dim2=-1).sum(-1) for s in sigmas]
-        sigma_n = _pad_blocks([s / t[:, None, None] for s, t in zip(sigmas, trs)], d)
-        tr = torch.cat(trs) if len(trs) > 1 else trs[0]
+    def fn(sigma: Tensor) -> Tensor:
+        diag = sigma.diagonal(dim1=-2, dim2=-1)
+        if layout.last:
+            mask, real = _block_mask(
+                layout.num_groups, layout.group_size, layout.last, sigma.device
+            )
+            eye = torch.eye(layout.group_size, dtype=sigma.dtype, device=sigma.device)
+            tr = torch.where(real, diag, 0.0).sum(-1)
+            sigma_n = torch.where(mask, sigma / tr[:, None, None], eye)
+        else:
+            tr = diag.sum(-1)
+            sigma_n = sigma / tr[:, None, None]
         bound = 2.0 * (tr.detach() / eps).sqrt() if iters > _GUARD_AFTER else None
         wm = newton_inverse_sqrt(sigma_n, iters, bound) * tr.rsqrt()[:, None, None]
         if layout.last:  # keep the unused padding of the last group at the identity
-            wm = _pad_blocks(
-                [wm[: layout.num_full], wm[layout.num_full :, : layout.last, : layout.last]], d
-            )
+            wm = torch.where(mask, wm, eye)
         return wm
 
     return fn
 
 
 def _dbn_matrix_fn(layout: GroupLayout, eps: float, max_condition: float | None):
+    """Σ (G, d, d) -> DBN's W (G, d, d); the padding of a smaller last group's block is replaced
+    by the identity before the eigendecomposition and after it."""
     d = layout.group_size
 
-    def fn(sigmas: list[Tensor]) -> Tensor:
-        sigma = _pad_blocks(sigmas, d)
+    def fn(sigma: Tensor) -> Tensor:
+        eye = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
+        if layout.last:
+            mask, _ = _block_mask(layout.num_groups, d, layout.last, sigma.device)
+            sigma = torch.where(mask, sigma, eye)
         # never hand LAPACK a non-finite matrix (it may fail to converge or return NaN): such
         # groups get W = I, and their output is non-finite anyway because their mean is
-        finite = torch.isfinite(sigma).all(-1).all(-1)
-        eye = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
+        finite = torch.isfinite(sigma.abs().amax((-2, -1)))  # (amax propagates NaN)
         sigma = torch.where(finite[:, None, None], sigma, eye)
         wm, lam = _ZCAInvSqrt.apply(sigma, eps)
         if max_condition is not None:
             _check_condition(lam, finite, max_condition)
         if layout.last:
-            wm = _pad_blocks(
-                [wm[: layout.num_full], wm[layout.num_full :, : layout.last, : layout.last]], d
-            )
+            wm = torch.where(mask, wm, eye)
         return wm
 
     return fn
@@ -740,7 +859,7 @@ class _Whitening(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _matrix_fn(self) -> Callable[[list[Tensor]], Tensor]:
+    def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
@@ -871,7 +990,7 @@ class IterNorm(_Whitening):
         super().__init__(num_features, group_size, eps, momentum, affine, stat_dtype)
         self.iters = check_positive_int(iters, "iters", self._layer, minimum=0)
 
-    def _matrix_fn(self) -> Callable[[list[Tensor]], Tensor]:
+    def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
         return _iternorm_matrix_fn(self.layout, self.iters, self.eps)
 
     def _extra_args(self) -> str:
@@ -921,7 +1040,7 @@ class DBN(_Whitening):
             )
         self.max_condition = None if max_condition is None else float(max_condition)
 
-    def _matrix_fn(self) -> Callable[[list[Tensor]], Tensor]:
+    def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
         return _dbn_matrix_fn(self.layout, self.eps, self.max_condition)
 
     def _extra_args(self) -> str:
