@@ -49,7 +49,7 @@ class Affine(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, "Affine")
         w, b = channel_view(self.weight, x.dim()), channel_view(self.bias, x.dim())
-        return torch.addcmul(b, x, w).to(x.dtype)
+        return (x * w + b).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
