@@ -860,7 +860,8 @@ class _Whitening(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
-        raise NotImplementedError
+        """The per-group whitening-matrix function; defined by IterNorm (Newton) and DBN (ZCA)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _matrix_fn")
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, self._layer)
