@@ -7,15 +7,17 @@ treated as H = W = 1, as in the papers).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "add_channel_affine",
     "channel_view",
     "check_eps",
     "check_input",
     "check_momentum",
     "check_positive_int",
     "from_points",
+    "reset_channel_affine",
     "stat_dtype",
     "to_points",
 ]
@@ -86,3 +88,24 @@ def from_points(p: Tensor, like_shape: torch.Size) -> Tensor:
         return p
     n, c, *rest = like_shape
     return p.reshape(n, *rest, c).movedim(-1, 1)
+
+
+def add_channel_affine(module: nn.Module, num_features: int, affine: object, layer: str) -> bool:
+    """Register the per-channel affine ``weight`` (γ = 1) and ``bias`` (β = 0) of a norm layer,
+    or ``None`` for both when ``affine`` is False; returns the validated flag."""
+    if not isinstance(affine, bool):
+        raise ValueError(f"{layer}: affine must be True or False, got {affine!r}")
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features))
+        module.bias = nn.Parameter(torch.zeros(num_features))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+    return affine
+
+
+def reset_channel_affine(module: nn.Module) -> None:
+    """γ ← 1, β ← 0 for a layer set up by :func:`add_channel_affine` (no-op without affine)."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -49,10 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.nn._utils import (
+    add_channel_affine,
     check_eps,
     check_input,
     check_momentum,
     check_positive_int,
+    reset_channel_affine,
     stat_dtype,
 )
 from normlab.nn.standard import batch_norm_from_sums
@@ -183,15 +185,9 @@ class FixedStatsNorm(nn.Module):
         for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{_LAYER}: {name} must be True or False, got {flag!r}")
-        self.affine = affine
         self.track_running_stats = track_running_stats
         c = num_features
-        if affine:
-            self.weight = nn.Parameter(torch.ones(c))
-            self.bias = nn.Parameter(torch.zeros(c))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.affine = add_channel_affine(self, c, affine, _LAYER)
         self.register_buffer("target_mean", torch.zeros(c))
         self.register_buffer("target_std", torch.ones(c))
         if track_running_stats:
@@ -220,9 +216,7 @@ class FixedStatsNorm(nn.Module):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         self.reset_targets()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_channel_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, _LAYER)

@@ -131,7 +131,14 @@ import torch
 from torch import Tensor, nn
 
 from normlab.nn import gmm
-from normlab.nn._utils import check_eps, check_input, check_positive_int, stat_dtype
+from normlab.nn._utils import (
+    add_channel_affine,
+    check_eps,
+    check_input,
+    check_positive_int,
+    reset_channel_affine,
+    stat_dtype,
+)
 from normlab.nn.gmm import GMMParams, PointSet
 from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_channel_sums
 from normlab.registry import register_norm
@@ -673,9 +680,6 @@ class MixtureNorm(nn.Module):
         self.k = check_positive_int(k, "k", _LAYER)
         self.em_iters = check_positive_int(em_iters, "em_iters", _LAYER, minimum=0)
         self.eps = check_eps(eps, _LAYER)
-        if not isinstance(affine, bool):
-            raise ValueError(f"{_LAYER}: affine must be True or False, got {affine!r}")
-        self.affine = affine
         self.queue_size = check_positive_int(queue_size, "queue_size", _LAYER)
         self.queue_decay = _check_unit(queue_decay, "queue_decay", 0.0, 1.0, True, True)
         self.min_weight = _check_unit(min_weight, "min_weight", 0.0, 1.0, True, False)
@@ -687,12 +691,7 @@ class MixtureNorm(nn.Module):
         self.init = _check_init(init)
         self.warm_momentum = _check_unit(warm_momentum, "warm_momentum", 0.0, 1.0, False, True)
         c, t = num_features, self.queue_size
-        if affine:
-            self.weight = nn.Parameter(torch.ones(c))
-            self.bias = nn.Parameter(torch.zeros(c))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.affine = add_channel_affine(self, c, affine, _LAYER)
         self.register_buffer("queue_weight", torch.zeros(t, k))
         self.register_buffer("queue_mean", torch.zeros(t, k, c))
         self.register_buffer("queue_var", torch.ones(t, k, c))
@@ -730,9 +729,7 @@ class MixtureNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_channel_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, _LAYER)

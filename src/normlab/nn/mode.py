@@ -93,10 +93,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.nn._utils import (
+    add_channel_affine,
     check_eps,
     check_input,
     check_momentum,
     check_positive_int,
+    reset_channel_affine,
     stat_dtype,
 )
 from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_sums
@@ -1020,16 +1022,8 @@ class ModeNorm(nn.Module):
         self.k = check_positive_int(k, "k", "ModeNorm")
         self.momentum = check_momentum(momentum, "ModeNorm")
         self.eps = check_eps(eps, "ModeNorm")
-        if not isinstance(affine, bool):
-            raise ValueError(f"ModeNorm: affine must be True or False, got {affine!r}")
-        self.affine = affine
         self.gate = nn.Linear(num_features, k)
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.affine = add_channel_affine(self, num_features, affine, "ModeNorm")
         self.register_buffer("running_mean", torch.zeros(k, num_features))
         self.register_buffer("running_sqmean", torch.ones(k, num_features))
         self.reset_parameters()
@@ -1043,9 +1037,7 @@ class ModeNorm(nn.Module):
         self.reset_running_stats()
         self.gate.reset_parameters()
         _init_gate(self.gate, self.k)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_channel_affine(self)
 
     @property
     def running_var(self) -> Tensor:
@@ -1125,27 +1117,17 @@ class ModeGroupNorm(nn.Module):
         self.num_features = check_positive_int(num_features, "num_features", "ModeGroupNorm")
         self.k = check_positive_int(k, "k", "ModeGroupNorm")
         self.eps = check_eps(eps, "ModeGroupNorm")
-        if not isinstance(affine, bool):
-            raise ValueError(f"ModeGroupNorm: affine must be True or False, got {affine!r}")
         if combine not in ("mean", "gated"):
             raise ValueError(f"ModeGroupNorm: combine must be 'mean' or 'gated', got {combine!r}")
-        self.affine = affine
         self.combine = combine
         self.gate = nn.Linear(1, k)
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.affine = add_channel_affine(self, num_features, affine, "ModeGroupNorm")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _init_gate(self.gate, self.k)
         nn.init.zeros_(self.gate.bias)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_channel_affine(self)
 
     def gates(self, x: Tensor) -> Tensor:
         """The channel gates g_ck of ``x``, laid out as ``(N, K, C)``."""

@@ -112,7 +112,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normlab.nn._utils import check_eps, check_input, check_momentum, check_positive_int
+from normlab.nn._utils import (
+    add_channel_affine,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_positive_int,
+    reset_channel_affine,
+)
 from normlab.nn.stats import CovarianceSums, gram_sums, group_batch, reduce_sums
 from normlab.registry import register_norm
 
@@ -830,17 +837,9 @@ class _Whitening(nn.Module):
         self.num_groups = self.layout.num_groups
         self.eps = check_eps(eps, name)
         self.momentum = check_momentum(momentum, name)
-        if not isinstance(affine, bool):
-            raise ValueError(f"{name}: affine must be True or False, got {affine!r}")
-        self.affine = affine
         self._stat_dtype = _resolve_stat_dtype(stat_dtype, name)
         self.stat_dtype = None if self._stat_dtype is None else str(self._stat_dtype).split(".")[-1]
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.affine = add_channel_affine(self, num_features, affine, name)
         d = self.group_size
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_wm", torch.eye(d).repeat(self.num_groups, 1, 1))
@@ -855,9 +854,7 @@ class _Whitening(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_channel_affine(self)
 
     def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
         """The per-group whitening-matrix function; defined by IterNorm (Newton) and DBN (ZCA)."""
