@@ -120,6 +120,7 @@ from normlab.nn._utils import (
     check_positive_int,
     reset_channel_affine,
 )
+from normlab.nn._utils import stat_dtype as default_stat_dtype
 from normlab.nn.stats import CovarianceSums, gram_sums, group_batch, reduce_sums
 from normlab.registry import register_norm
 
@@ -622,9 +623,7 @@ def _resolve_stat_dtype(stat_dtype: object, layer: str) -> torch.dtype | None:
 
 
 def _compute_dtype(x: Tensor, stat_dtype: torch.dtype | None) -> torch.dtype:
-    if stat_dtype is not None:
-        return stat_dtype
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return default_stat_dtype(x) if stat_dtype is None else stat_dtype
 
 
 def _no_autocast(x: Tensor):
