@@ -70,6 +70,18 @@ def _pos_int(v: Any, key: str, where: str) -> int:
     return v
 
 
+def _check_specs(params: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Every ``params[key]`` present must parse as a norm spec."""
+    from normlab.registry import parse_spec
+
+    for key in keys:
+        if key in params:
+            try:
+                parse_spec(params[key])
+            except (ValueError, TypeError) as e:
+                raise ExperimentError(f"{where}: params.{key}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # 002 Fig. 4-5: SND and conditioning
 
@@ -353,7 +365,6 @@ class Cost:
     def validate(params: dict[str, Any], variant: Variant) -> None:
         where = f"cost variant {variant.name!r}"
         from normlab.models import available_models
-        from normlab.registry import parse_spec
 
         if params.get("model") not in available_models():
             raise ExperimentError(
@@ -361,11 +372,7 @@ class Cost:
             )
         for key in ("batch_size", "iters", "image_size", "num_classes"):
             _pos_int(params.get(key, 1), key, where)
-        for key in ("norm", "baseline_norm"):
-            try:
-                parse_spec(params.get(key, "bn"))
-            except (ValueError, TypeError) as e:
-                raise ExperimentError(f"{where}: params.{key}: {e}") from None
+        _check_specs(params, ("norm", "baseline_norm"), where)
 
     @staticmethod
     def run(
@@ -580,7 +587,6 @@ class GAN:
     def validate(params: dict[str, Any], variant: Variant) -> None:
         where = f"gan variant {variant.name!r}"
         from normlab.data import available_datasets
-        from normlab.registry import parse_spec
 
         if params.get("dataset") not in available_datasets():
             raise ExperimentError(
@@ -588,12 +594,7 @@ class GAN:
             )
         for key in ("steps", "batch_size", "eval_every"):
             _pos_int(params.get(key, 1), key, where)
-        for key in ("g_norm", "d_norm", "norm"):
-            if key in params:
-                try:
-                    parse_spec(params[key])
-                except (ValueError, TypeError) as e:
-                    raise ExperimentError(f"{where}: params.{key}: {e}") from None
+        _check_specs(params, ("g_norm", "d_norm", "norm"), where)
 
     @staticmethod
     def run(
