@@ -102,6 +102,7 @@ finite for repeated eigenvalues, where the textbook eigenvector backward divides
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -813,7 +814,7 @@ def decorrelated_batch_norm(
 _FOLD_KINDS = {"linear": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5}
 
 
-class _Whitening(nn.Module):
+class _Whitening(nn.Module, abc.ABC):
     """Shared parameters, buffers, eval path and folding of :class:`IterNorm` and :class:`DBN`."""
 
     _layer = "Whitening"
@@ -855,9 +856,9 @@ class _Whitening(nn.Module):
         self.reset_running_stats()
         reset_channel_affine(self)
 
+    @abc.abstractmethod
     def _matrix_fn(self) -> Callable[[Tensor], Tensor]:
-        """The per-group whitening-matrix function; defined by IterNorm (Newton) and DBN (ZCA)."""
-        raise NotImplementedError(f"{type(self).__name__} must define _matrix_fn")
+        """The per-group whitening-matrix function: IterNorm's Newton iteration, DBN's ZCA."""
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, self._layer)
