@@ -1,5 +1,5 @@
-"""normlab.analysis: activation distributions (000 Fig. 1, 003 Fig. 4), MixtureNorm / ModeNorm
-diagnostics (000 Fig. 8–9, 001 Fig. 3) and every plot function (PNG files, Agg, no pyplot)."""
+"""normlab.analysis: activation distributions (Kalayeh & Shah, Fig. 1, Collins et al., Fig. 4), MixtureNorm / ModeNorm
+diagnostics (Kalayeh & Shah, Fig. 8–9, Deecke et al., Fig. 3) and every plot function (PNG files, Agg, no pyplot)."""
 
 import numpy as np
 import pytest
@@ -42,7 +42,7 @@ class _FakeTrainer:
         self.step = step
 
 
-# ---------------------------------------------------------------- GMM fits (000 Fig. 1)
+# ---------------------------------------------------------------- GMM fits (Kalayeh & Shah, Fig. 1)
 
 
 def test_fit_gaussian_mixtures_recovers_a_bimodal_channel():
@@ -82,7 +82,7 @@ def test_plot_activation_gmms_writes_png(tmp_path):
     assert out.suffix == ".png" and _is_png(out)
 
 
-# ---------------------------------------------------------------- percentiles (003 Fig. 4)
+# ---------------------------------------------------------------- percentiles (Collins et al., Fig. 4)
 
 
 def test_activation_percentiles_match_numpy():
@@ -118,7 +118,7 @@ def test_percentile_recorder_and_plot(tmp_path):
     assert _is_png(out)
 
 
-# ---------------------------------------------------------------- MixtureNorm (000 Fig. 8–9)
+# ---------------------------------------------------------------- MixtureNorm (Kalayeh & Shah, Fig. 8–9)
 
 
 def test_effective_num_components_and_perplexity_hand():
@@ -144,7 +144,7 @@ def test_mixture_recorder_and_plots(tmp_path):
     assert sum(last["weights"]) == pytest.approx(1.0, abs=1e-5)
     assert last["num_components"] == int(layer.last_num_components)
     assert 1 <= last["effective"] <= 3 and 1 <= last["perplexity"] <= 3
-    # numpy oracles of the two summaries of the weights (000 Sec. 5.3 count; exp of the entropy)
+    # numpy oracles of the two summaries of the weights (Kalayeh & Shah, Sec. 5.3 count; exp of the entropy)
     lam = np.asarray(last["weights"], dtype=np.float64)
     assert last["effective"] == int(np.sum(lam >= 0.01))
     p = lam / lam.sum()
@@ -162,7 +162,7 @@ def test_mixture_recorder_and_plots(tmp_path):
         MixtureRecorder(nn.Linear(2, 2))
 
 
-# ---------------------------------------------------------------- ModeNorm gates (001 Fig. 3)
+# ---------------------------------------------------------------- ModeNorm gates (Deecke et al., Fig. 3)
 
 
 def test_mode_gates_top_samples_and_plot(tmp_path):
@@ -178,7 +178,7 @@ def test_mode_gates_top_samples_and_plot(tmp_path):
     gates = collect_mode_gates(net, "1", x, batch_size=7)
     assert net.training  # state restored
     assert gates.shape == (20, 2)
-    # oracle: softmax of the affine gate on the spatial means (001 Sec. 3.2)
+    # oracle: softmax of the affine gate on the spatial means (Deecke et al., Sec. 3.2)
     m = x.mean((2, 3))
     ref = torch.softmax(m @ mode.gate.weight.t() + mode.gate.bias, dim=1)
     torch.testing.assert_close(gates, ref)

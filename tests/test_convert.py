@@ -17,7 +17,7 @@ class Block(nn.Module):
 
 
 class CifarLike(nn.Module):
-    """Conv blocks named conv1..conv4 as in 000 Table 1."""
+    """Conv blocks named conv1..conv4 as in Kalayeh & Shah, Table 1."""
 
     def __init__(self):
         super().__init__()

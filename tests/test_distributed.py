@@ -287,7 +287,7 @@ def _seeding(part: slice, rank: int) -> dict:
 
 
 def _subset_fit(part: slice, rank: int, synced: bool = True) -> dict:
-    """A MixtureNorm fitting on a random half of the points (000 Sec. 5.1), two training steps;
+    """A MixtureNorm fitting on a random half of the points (Kalayeh & Shah, Sec. 5.1), two training steps;
     each rank draws its subset from a different RNG state."""
     torch.manual_seed(8)
     layer = normlab.MixtureNorm(4, k=3, em_iters=3, sample_fraction=0.5).double()

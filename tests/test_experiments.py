@@ -31,14 +31,17 @@ FEW_STEPS = ["train.steps=2", "train.eval_every_steps=1", "train.eval_batch_size
 def test_the_issue_s_experiments_are_present():
     assert experiments_dir() is not None
     required = {
-        "000_cifar_cnn", "000_inception", "000_inception_nesterov", "000_densenet", "000_dcgan",
-        "000_cost", "001_multitask", "001_small_batch", "001_single_task", "002_fig3_mlp",
-        "002_fig4_5_snd", "002_vgg", "002_wrn", "003_fig1_3_mnist", "003_fig2_weight_sweep",
-        "003_fig7_batch", "004_fig5_singularity", "004_fig6_statdiff", "004_table4_ws_ablation",
-        "004_table7_8_bcn",
+        "mixture_cifar_cnn", "mixture_inception", "mixture_inception_nesterov", "mixture_densenet", "mixture_dcgan",
+        "mixture_cost", "mode_multitask", "mode_small_batch", "mode_single_task", "iternorm_mlp",
+        "iternorm_snd", "iternorm_vgg", "iternorm_wrn", "stdloss_mnist", "stdloss_weight_sweep",
+        "stdloss_batch_size", "ws_singularity", "ws_statdiff", "ws_ablation",
+        "bcn_micro_batch",
     }  # fmt: skip
     assert required <= set(EXPS), sorted(required - set(EXPS))
     assert "digits_bn" not in EXPS  # plain training configs are not experiments
+
+
+PAPERS = {"Kalayeh & Shah", "Deecke et al.", "Huang et al.", "Collins et al.", "Qiao et al."}
 
 
 @pytest.mark.parametrize("name", EXPS)
@@ -46,9 +49,8 @@ def test_experiment_validates_at_every_scale(name):
     exp = load_experiment(ROOT / f"{name}.toml", validate=True)
     assert exp.variants and exp.cite and exp.source
     assert "small" in exp.scales, "every experiment needs an offline small-scale counterpart"
-    assert (Path("/work/shared/papers") / exp.source).exists() or not Path(
-        "/work/shared/papers"
-    ).exists()
+    # the source is one of the five papers, by the short form the README's References define
+    assert exp.source in PAPERS, exp.source
     for t in exp.tables:  # the paper's numbers line up with the columns
         for vals in (t.get("paper") or {}).values():
             assert len(vals) == len(t["columns"])
@@ -95,7 +97,7 @@ def _small_variants(exp):
 def test_small_scale_runs_a_few_steps(name, tmp_path):
     exp = load_experiment(ROOT / f"{name}.toml")
     variants = _small_variants(exp)[-1:]  # the last one: usually the paper's method
-    if name in ("003_fig1_3_mnist", "004_fig6_statdiff", "000_cifar_cnn"):
+    if name in ("stdloss_mnist", "ws_statdiff", "mixture_cifar_cnn"):
         variants = _small_variants(exp)  # and the baseline (their collectors are checked too)
     suite = run_experiment(
         exp, tmp_path / "run", scale="small", seeds=1, overrides=FEW_STEPS, variants=variants
@@ -142,19 +144,19 @@ def test_small_scale_analysis_runs(name, tmp_path):
     for r in suite["runs"]:
         res = json.loads((tmp_path / "run" / r["dir"] / "result.json").read_text())
         assert res["variant"] == r["variant"]
-        if name == "002_fig4_5_snd":
+        if name == "iternorm_snd":
             fig4 = res["sweeps"]["fig4"]
             assert fig4["x"] == [2, 4] and len(fig4["snd"]) == 2 and min(fig4["cond"]) >= 1.0 - 1e-6
-        if name == "000_cost":
+        if name == "mixture_cost":
             assert res["ratio"] > 0 and res["it_per_s"] > 0
-        if name == "000_dcgan":
+        if name == "mixture_dcgan":
             assert [h["step"] for h in res["history"]] == [1, 2] and res["best_fid"] is None
 
 
 def test_finished_runs_are_skipped_and_interrupted_runs_resume(tmp_path):
     from normlab.train.loop import Trainer
 
-    exp = load_experiment(ROOT / "003_fig1_3_mnist.toml")
+    exp = load_experiment(ROOT / "stdloss_mnist.toml")
     over = ["train.steps=4", "train.eval_every_steps=2", "run.checkpoint_every_steps=1"]
     out = tmp_path / "run"
     # interrupt seed 0 of cnn-bn after 2 of its 4 steps (its checkpoint stays behind)
@@ -223,7 +225,7 @@ set = { optim.lr = 0.2, model.kwargs = { width = 0.25 } }
 
 [[variant]]
 name = "inc"
-placement = "000/cifar_cnn/conv2+conv3"
+placement = "mixture/cifar_cnn/conv2+conv3"
 set = { model.name = "cifar_cnn", model.norm = "mixture(k=2)", model.kwargs = {} }
 
 [[grid]]
@@ -274,7 +276,7 @@ set = { optim.lr = 0.01 }
         ('[[variant]]\nname = "a"\nbogus = 1\n', "unknown key"),
         ('[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n', "duplicate"),
         ('[[variant]]\nname = "a/b"\n', "plain directory name"),
-        ('[[variant]]\nname = "a"\nplacement = "000/nope"\n', "placement"),
+        ('[[variant]]\nname = "a"\nplacement = "mixture/nope"\n', "placement"),
         (
             '[[variant]]\nname = "a"\n[[claim]]\ntext = "t"\nmetric = "best_acc"\na = "a"\nop = "~"\nb = 1\n',
             "op",
@@ -298,5 +300,5 @@ def test_bad_experiment_files_name_the_problem(tmp_path, extra, match):
 
 
 def test_unknown_experiment_lists_the_available_ones():
-    with pytest.raises(ExperimentError, match=r"available experiments: .*000_cifar_cnn"):
+    with pytest.raises(ExperimentError, match=r"available experiments: .*mixture_cifar_cnn"):
         load_experiment("no_such_experiment")

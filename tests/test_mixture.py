@@ -1,4 +1,4 @@
-"""Tests for MixtureNorm (000 Sec. 3.2) and its functional core.
+"""Tests for MixtureNorm (Kalayeh & Shah, Sec. 3.2) and its functional core.
 
 Oracles: torch's F.batch_norm (K = 1), numpy implementations of Eq. 34–36 and Eq. 38–39 written
 from the paper, torch.autograd.gradcheck in float64, a plain-autograd reference of the closed-form

@@ -1,4 +1,4 @@
-"""Tests for Mode Normalization and Mode Group Normalization (001 Sec. 3.2–3.3, Alg. 1–3, Eq. 2–5).
+"""Tests for Mode Normalization and Mode Group Normalization (Deecke et al., Sec. 3.2–3.3, Alg. 1–3, Eq. 2–5).
 
 Oracles: torch's own F.batch_norm / F.group_norm for the K = 1 and collapsed-gate reductions,
 hand-computed two-sample examples, loop-based numpy re-statements of the paper's formulas, and

@@ -119,7 +119,7 @@ def test_model_with_weight_standardization(name):
 
 
 # ------------------------------------------------------------------------------- conv specs
-# 004 Table 4's ablation: "- mean" (Eq. 11 only) = ws(scale=false), "/ std" (Eq. 12 only) =
+# Qiao et al., Table 4's ablation: "- mean" (Eq. 11 only) = ws(scale=false), "/ std" (Eq. 12 only) =
 # ws(center=false), each threaded to every WS layer of every model.
 CONV_SPECS = [
     ("ws(center=false)", dict(center=False, scale=True, eps=1e-5)),
@@ -254,7 +254,7 @@ def convert_names(model: nn.Module, include) -> list[str]:
 def test_cifar_cnn_placements_and_table1_shapes():
     model = create("cifar_cnn", 10, 3)
     assert convert_names(model, "conv3.*") == ["conv3.norm"]
-    # 000 Table 1 sizes: 64x32x32, 64x16x16, 128x16x16, 128x8x8, 128x8x8, 128x4x4, 256x4x4, 256x1x1.
+    # Kalayeh & Shah, Table 1 sizes: 64x32x32, 64x16x16, 128x16x16, 128x8x8, 128x8x8, 128x4x4, 256x4x4, 256x1x1.
     x = torch.randn(2, 3, 32, 32)
     sizes = {}
     for name, m in model.named_children():
@@ -274,9 +274,9 @@ def test_inception_placements_and_final_map():
     names = [n for n, _ in model.named_children()]
     for layer in ("red1", "red2", "inc1_0", "inc1_2", "inc2_0", "inc2_3", "inc3_0", "inc3_1"):
         assert layer in names
-    assert model.conv1.conv.stride == (1, 1)  # 000: first conv stride 1, first max-pool removed
+    assert model.conv1.conv.stride == (1, 1)  # Kalayeh & Shah: first conv stride 1, first max-pool removed
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.children()) == 1
-    # 000 Sec. 4.3: output stride 8, final map 3x3 for 32x32 input.
+    # Kalayeh & Shah, Sec. 4.3: output stride 8, final map 3x3 for 32x32 input.
     x = torch.randn(2, 3, 32, 32)
     for name, m in model.named_children():
         x = m(x)
@@ -325,7 +325,7 @@ def test_resnet_and_vgg_names():
     b = create("resnet_cifar", 10, depth=20, shortcut="B")
     assert len(convert_names(b, "*")) == 1 + 18 + 2
     v = create("vgg", 10, depth=19, width=1 / 16)
-    assert len(convert_names(v, "conv*.norm")) == 16  # 002: 16 conv layers
+    assert len(convert_names(v, "conv*.norm")) == 16  # Huang et al.: 16 conv layers
     assert [m for m in v.modules() if isinstance(m, nn.Linear)].__len__() == 1
     assert convert_names(create("convnet4", 10), "conv4.*") == ["conv4.norm"]
 
@@ -380,7 +380,7 @@ def n_params(model: nn.Module) -> int:
         ("densenet", dict(depth=100, growth=12), 7.0e6, 0.03),
         # Zagoruyko & Komodakis 2016: WRN-28-10 36.5M.
         ("wrn", dict(depth=28, widen=10), 36.5e6, 0.01),
-        # ResNet-18 for CIFAR (004 Table 8): 11.17M with a 10-way classifier.
+        # ResNet-18 for CIFAR (Qiao et al., Table 8): 11.17M with a 10-way classifier.
         ("resnet18_cifar", {}, 11.17e6, 0.01),
     ],
 )
@@ -396,7 +396,7 @@ def test_inception_matches_reference_parameter_count():
 
 
 def test_densenet40_last_norm_sees_448_channels():
-    # 000 Sec. 5 (Table 7): the last BN/MN of DenseNet-40 sees 448 channels.
+    # Kalayeh & Shah, Sec. 5 (Table 7): the last BN/MN of DenseNet-40 sees 448 channels.
     assert create("densenet", 100, 3, depth=40).final.norm.num_features == 448
 
 

@@ -150,7 +150,7 @@ def test_readme_python_examples_run_and_do_what_they_say(monkeypatch, capsys):
     capsys.readouterr()
 
     # "Using the layers": the specs build what they name; conv3's BN became the mixture of
-    # 000 Table 2 (MN-1) and every conv is weight-standardized
+    # Kalayeh & Shah, Table 2 (MN-1) and every conv is weight-standardized
     assert isinstance(ns["norm"], normlab.MixtureNorm) and ns["norm"].num_features == 64
     assert ns["norm"].k == 5
     net = ns["model_before_ddp"]

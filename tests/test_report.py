@@ -23,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 FAKE = """
 [experiment]
 title = "fake"
-cite = "000 Table 3"
+cite = "Kalayeh & Shah, Table 3"
 source = "none"
 seeds = 2
 
@@ -167,7 +167,7 @@ def test_report_of_fake_suite_has_tables_paper_numbers_and_claims(tmp_path):
 
 
 def test_report_from_a_tiny_real_run(tmp_path):
-    exp = load_experiment(ROOT / "003_fig1_3_mnist.toml")
+    exp = load_experiment(ROOT / "stdloss_mnist.toml")
     over = ["train.steps=3", "train.eval_every_steps=1", "train.eval_batch_size=512"]
     run_experiment(exp, tmp_path / "run", "small", seeds=2, overrides=over, variants=["cnn-*"])
     report = write_report(tmp_path / "run")
@@ -184,7 +184,7 @@ def test_report_from_a_tiny_real_run(tmp_path):
 
 
 def test_report_of_an_analysis_run(tmp_path):
-    exp = load_experiment(ROOT / "002_fig4_5_snd.toml")
+    exp = load_experiment(ROOT / "iternorm_snd.toml")
     small = exp.scales["small"].analysis
     small.update(pool=64, num_samples=2, num_draws=3, num_batches=2)
     small["sweeps"] = [
@@ -207,10 +207,10 @@ def _cli(argv):
 
 def test_cli_run_and_report(tmp_path, capsys):
     assert _cli(["run", "--list"]) == 0
-    assert "003_fig1_3_mnist" in capsys.readouterr().out
+    assert "stdloss_mnist" in capsys.readouterr().out
     out = tmp_path / "r"
     rc = _cli([
-        "run", str(ROOT / "003_fig1_3_mnist.toml"), "--scale", "small", "--seeds", "1",
+        "run", str(ROOT / "stdloss_mnist.toml"), "--scale", "small", "--seeds", "1",
         "--variants", "mlp-bn,mlp-none", "--set", "train.steps=2", "--threads", "1",
         "--out", str(out),
     ])  # fmt: skip

@@ -1,4 +1,4 @@
-"""Standardization loss (003 Sec. 3, Eq. 2) against numpy, and the hook machinery."""
+"""Standardization loss (Collins et al., Sec. 3, Eq. 2) against numpy, and the hook machinery."""
 
 from __future__ import annotations
 

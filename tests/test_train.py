@@ -192,7 +192,7 @@ def _torch_lrs(sched_factory, steps: int, base_lr: float = 1.0) -> list[float]:
 
 
 def test_exp_staircase_schedule_matches_torch_steplr():
-    # 000: multiply by 0.93 every 2 epochs; with 10 steps/epoch that is StepLR(step_size=20)
+    # Kalayeh & Shah: multiply by 0.93 every 2 epochs; with 10 steps/epoch that is StepLR(step_size=20)
     cfg = ScheduleConfig(name="exp", gamma=0.93, every_epochs=2)
     s = LRSchedule(cfg, steps_per_epoch=10, total_steps=100)
     ours = s.lrs(1.0, range(100))
@@ -208,7 +208,7 @@ def test_exp_continuous_schedule_matches_exponentiallr():
 
 
 def test_step_schedule_fractions_match_multisteplr():
-    # 000 Inception NAG: /5 at 30%, 60%, 80% of training
+    # Kalayeh & Shah Inception NAG: /5 at 30%, 60%, 80% of training
     cfg = ScheduleConfig(name="step", gamma=0.2, milestones=[0.3, 0.6, 0.8])
     s = LRSchedule(cfg, steps_per_epoch=7, total_steps=140)
     ref = _torch_lrs(

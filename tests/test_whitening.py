@@ -1,4 +1,4 @@
-"""IterNorm and DBN (002 Sec. 3): whitening against numpy/scipy ZCA, reductions to batch norm,
+"""IterNorm and DBN (Huang et al., Sec. 3): whitening against numpy/scipy ZCA, reductions to batch norm,
 gradients, running statistics, folding, grouping edge cases, ill-conditioning, arguments."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from normlab.nn.whitening import (
 
 
 def _points(x: torch.Tensor) -> np.ndarray:
-    """(N, C, *) -> (C, m) numpy data matrix, one column per position (002 Sec. 3.3)."""
+    """(N, C, *) -> (C, m) numpy data matrix, one column per position (Huang et al., Sec. 3.3)."""
     a = x.detach().double().numpy()
     return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).T
 

@@ -120,7 +120,7 @@ def convert(
     (in module order). If ``include`` is not ``"*"`` and matches no normalization layer, raises
     ``ValueError`` listing the normalization layers the model has (a typo should not pass silently).
 
-    Example — MixtureNorm only after ``conv3`` (000 Table 2, MN-1)::
+    Example — MixtureNorm only after ``conv3`` (Kalayeh & Shah, Table 2, MN-1)::
 
         normlab.convert(model, "mixture(k=3)", include="conv3.*")
     """
@@ -154,7 +154,7 @@ def convert_conv(
     **kwargs: object,
 ) -> list[str]:
     """Swap ``nn.Conv1d``/``nn.Conv2d`` (and ``nn.Linear`` when ``linear=True``) for their
-    weight-standardized versions (004 Sec. 4), keeping the raw weights, bias, device and dtype.
+    weight-standardized versions (Qiao et al., Sec. 4), keeping the raw weights, bias, device and dtype.
 
     ``kind`` is ``"ws"`` (Weight Standardization) or ``"plain"`` (no change); ``kwargs`` go to the WS
     layer (``eps``, ``center``, ``scale``). Returns the replaced names.

@@ -7,8 +7,8 @@ and the claims the report checks. ::
 
     [experiment]
     title = "CIFAR CNN: BN vs MN, acceleration"      # one line
-    cite  = "000 Tables 2-3, Fig. 2 (Sec. 4.2)"     # paper, table/figure, section
-    source = "000_4ef76e550104cc60.txt"             # the paper text the numbers come from
+    cite  = "Kalayeh & Shah, Tables 2-3, Fig. 2 (Sec. 4.2)"     # paper, table/figure, section
+    source = "Kalayeh & Shah"             # the paper text the numbers come from
     kind  = "train"                                 # or "analysis" (see below)
     seeds = 1                                       # seeds at full scale (0 .. seeds-1)
     notes = ["readings and deviations, one per line"]
@@ -23,7 +23,7 @@ and the claims the report checks. ::
     label = "MN-2"; group = "CIFAR-100"             # shown in the tables
     setting = "(conv3, 3, 2) / (0.01, 2e-5)"        # free text shown next to the label
     set = { model.norm = "mixture(k=3, em_iters=2)", model.include = "conv3.norm" }
-    # placement = "000/inception/inc2_0+inc3_0"     # model.include from normlab.models.PLACEMENTS
+    # placement = "mixture/inception/inc2_0+inc3_0"     # model.include from normlab.models.PLACEMENTS
     # disabled = "why this row cannot run"          # listed in the report, never run
 
     [[grid]]                                        # many variants at once: the product of axes
@@ -43,9 +43,9 @@ and the claims the report checks. ::
     set = { ... }                                   # (the key is a glob over variant names)
 
     [collect]                                       # analysis recorded while training
-    statdiff = { every = 0 }                        # 004 Fig. 6 (0 = after every epoch)
-    gmm = { module = "conv2.conv", at = 0.5 }       # 000 Fig. 1 activation snapshot
-    percentiles = { module = "conv3.conv", every = 50 }   # 003 Fig. 4
+    statdiff = { every = 0 }                        # Qiao et al., Fig. 6 (0 = after every epoch)
+    gmm = { module = "conv2.conv", at = 0.5 }       # Kalayeh & Shah, Fig. 1 activation snapshot
+    percentiles = { module = "conv3.conv", every = 50 }   # Collins et al., Fig. 4
 
     [[table]]                                       # tables of the report (normlab.report)
     title = "Table 2 ..."
@@ -63,9 +63,9 @@ and the claims the report checks. ::
 
     [plots]
     curves = { x = "epoch", train = true, window = 10 }   # false: no error curves
-    losses = { x = "step" }                         # 003 Fig. 1 (top)
+    losses = { x = "step" }                         # Collins et al., Fig. 1 (top)
     gmm = ["*BN-2", "*MN-2"]                        # which variants' GMM snapshots to plot
-    speedup = { baseline = "BN" }                   # 003 Fig. 5
+    speedup = { baseline = "BN" }                   # Collins et al., Fig. 5
 
 The overrides of a run are applied in this order: ``base`` → ``scale.defaults`` → the variant's
 ``set`` → ``scale.set`` → ``scale.variant.<name>.set`` → the command line's ``--set``; then
@@ -76,8 +76,8 @@ dotted keys are the ``--set`` keys of ``normlab train`` (``{ optim.lr = 0.01 }``
 keyword rather than replacing the table; an empty ``{}`` clears it) or a list of ``"key=value"``
 strings.
 
-``kind = "analysis"`` experiments (no classifier training: 002 Fig. 4–5 SND/conditioning,
-000 Table 7 cost, the 000 DCGAN) name a runner in ``[analysis] runner = "..."`` with its
+``kind = "analysis"`` experiments (no classifier training: Huang et al., Fig. 4–5 SND/conditioning,
+Kalayeh & Shah, Table 7 cost, the Kalayeh & Shah DCGAN) name a runner in ``[analysis] runner = "..."`` with its
 parameters; variants give theirs in ``params = { ... }``; ``[scale.small.analysis]`` overrides
 both at that scale. The runners (:data:`ANALYSES`) live in :mod:`normlab.report.analyses` next to
 their report sections.
@@ -193,7 +193,7 @@ def available_experiments(root: str | os.PathLike[str] | None = None) -> dict[st
 
 
 def find_experiment(name: str | os.PathLike[str]) -> Path:
-    """Resolve an experiment argument: an existing path, or a file stem (``000_cifar_cnn``, with or
+    """Resolve an experiment argument: an existing path, or a file stem (``mixture_cifar_cnn``, with or
     without ``.toml``) in :func:`experiments_dir`. Raises :class:`ExperimentError` listing the
     available names."""
     p = Path(name)
@@ -256,7 +256,7 @@ def _leaves(d: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
 
 
 def _placement(key: Any, where: str) -> list[tuple[str, Any]]:
-    """``placement = "000/inception/red1+red2"`` -> ``[("model.include", [...])]`` from
+    """``placement = "mixture/inception/red1+red2"`` -> ``[("model.include", [...])]`` from
     :data:`normlab.models.PLACEMENTS` (the papers' placements as plain data)."""
     if key is None:
         return []
@@ -1087,7 +1087,7 @@ def _pick_module(mods: Mapping[str, Any], module: str | Sequence[str], key: str)
 
 
 class _StatDiff(_Collector):
-    """004 Fig. 6: StatDiff of the convolutions' running per-channel statistics."""
+    """Qiao et al., Fig. 6: StatDiff of the convolutions' running per-channel statistics."""
 
     file = "statdiff.jsonl"
 
@@ -1116,7 +1116,7 @@ class _StatDiff(_Collector):
 
 
 class _GMMSnapshot(_Collector):
-    """000 Fig. 1: one training batch of a module's output (the activations a norm sees), saved
+    """Kalayeh & Shah, Fig. 1: one training batch of a module's output (the activations a norm sees), saved
     at a fraction of training as ``gmm_snapshot.pt`` for the report's mixture fits."""
 
     file = "gmm_snapshot.pt"
@@ -1160,7 +1160,7 @@ class _GMMSnapshot(_Collector):
 
 
 class _Percentiles(_Collector):
-    """003 Fig. 4: percentiles of a module's output over training."""
+    """Collins et al., Fig. 4: percentiles of a module's output over training."""
 
     file = "percentiles.jsonl"
 

@@ -1,15 +1,15 @@
-r"""Activation distributions: Gaussian-mixture fits per channel (000 Fig. 1) and activation
-percentiles over training (003 Fig. 4).
+r"""Activation distributions: Gaussian-mixture fits per channel (Kalayeh & Shah, Fig. 1) and activation
+percentiles over training (Collins et al., Fig. 4).
 
 * :func:`fit_gaussian_mixtures` fits 1-, 2- and 3-component (any K) one-dimensional Gaussian
   mixtures to a channel's activations with scikit-learn's ``GaussianMixture`` (EM, k-means
   initialisation); :func:`plot_activation_gmms` draws, for a few channels, the histogram of the
   activations with the fitted density p(x) (solid) and its weighted components
-  λ_k N(x; μ_k, σ_k²) (dashed), one row per K — the layout of 000 Fig. 1, whose rows are BN
+  λ_k N(x; μ_k, σ_k²) (dashed), one row per K — the layout of Kalayeh & Shah, Fig. 1, whose rows are BN
   (K = 1), MN:2 and MN:3.
 * :func:`activation_percentiles` gives percentiles of a layer's activations (all channels,
   samples and positions pooled — "percentiles of the cumulative distribution" of the layer's
-  activations, 003 Fig. 4 uses the 1st, 20th, 80th and 99th); :class:`PercentileRecorder` keeps
+  activations, Collins et al., Fig. 4 uses the 1st, 20th, 80th and 99th); :class:`PercentileRecorder` keeps
   them over training from a forward hook, and :func:`plot_percentiles` draws them against the
   step.
 """
@@ -86,7 +86,7 @@ def fit_gaussian_mixtures(
     max_points: int | None = 20000,
     reg_covar: float = 1e-6,
 ) -> list[GaussianMixtureFit]:
-    """Fit a K-component Gaussian mixture to 1-D ``values`` for each K in ``ks`` (000 Fig. 1).
+    """Fit a K-component Gaussian mixture to 1-D ``values`` for each K in ``ks`` (Kalayeh & Shah, Fig. 1).
 
     Uses ``sklearn.mixture.GaussianMixture`` (EM from a k-means initialisation, ``random_state =
     seed``). At most ``max_points`` values (a seeded random subset) are used for the fit, which is
@@ -133,7 +133,7 @@ def plot_activation_gmms(
     bins: int = 60,
     max_points: int | None = 20000,
 ) -> Path:
-    """000 Fig. 1: for each channel (columns; default the first four) and each K (rows), the
+    """Kalayeh & Shah, Fig. 1: for each channel (columns; default the first four) and each K (rows), the
     histogram of the channel's activations in ``x`` (``(N, C)`` or ``(N, C, *)``), the fitted
     mixture density p(x) (solid) and its components (dashed). Returns the written path."""
     nch = x.shape[1]
@@ -174,7 +174,7 @@ def _percentiles(flat: Tensor, q: Tensor) -> Tensor:
 def activation_percentiles(
     x: Tensor, q: Sequence[float] = DEFAULT_PERCENTILES, dim: int | None = None
 ) -> Tensor:
-    """Percentiles of activations (003 Fig. 4: the 1st, 20th, 80th and 99th).
+    """Percentiles of activations (Collins et al., Fig. 4: the 1st, 20th, 80th and 99th).
 
     ``dim=None``: over all values of ``x`` pooled (returns ``(len(q),)``). ``dim=1``: per
     channel of a channel-first tensor (returns ``(len(q), C)``). Linear interpolation between
@@ -200,7 +200,7 @@ def activation_percentiles(
 
 
 class PercentileRecorder:
-    """Percentiles of one module's output over training (003 Fig. 4).
+    """Percentiles of one module's output over training (Collins et al., Fig. 4).
 
     A forward hook keeps a detached reference to the module's latest output in training mode (no
     computation and no host synchronisation per step); :meth:`record` computes
@@ -261,7 +261,7 @@ def plot_percentiles(
     path: str | os.PathLike[str],
     q: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> Path:
-    """003 Fig. 4: one panel per run (e.g. no normalization, standardization loss, BN), each
+    """Collins et al., Fig. 4: one panel per run (e.g. no normalization, standardization loss, BN), each
     percentile of ``q`` as a curve against the step. ``runs`` is a :class:`PercentileRecorder`
     history or ``{label: history}``. Panels have their own y-scale (as in the paper)."""
     if not isinstance(runs, Mapping):

@@ -1,8 +1,8 @@
 r"""Diagnostics of the mixture- and mode-based layers: MixtureNorm component weights and effective
-number of components over training (000 Sec. 5.2–5.3, Fig. 8–9), and ModeNorm gate assignments
-(001 Sec. 4 "Qualitative analysis", Fig. 3).
+number of components over training (Kalayeh & Shah, Sec. 5.2–5.3, Fig. 8–9), and ModeNorm gate assignments
+(Deecke et al., Sec. 4 "Qualitative analysis", Fig. 3).
 
-**Effective number of components** (000 Sec. 5.3). The paper discards components whose normalized
+**Effective number of components** (Kalayeh & Shah, Sec. 5.3). The paper discards components whose normalized
 weight λ_k is below 0.01 and plots "the actual number of components that mixture normalization has
 used" (Fig. 9). We follow that definition: the effective number of components of a fit is
 :math:`\#\{k : \lambda_k \ge \text{min\_weight}\}` with ``min_weight = 0.01``
@@ -11,7 +11,7 @@ used" (Fig. 9). We follow that definition: the effective number of components of
 continuous alternative, the perplexity :math:`\exp(-\sum_k\lambda_k\log\lambda_k)` of the weights
 (1 for one component, K for uniform weights), is :func:`weight_perplexity`.
 
-**Gate assignments** (001 Fig. 3): the samples "assigned the highest probability to belong to"
+**Gate assignments** (Deecke et al., Fig. 3): the samples "assigned the highest probability to belong to"
 each mode, i.e. for mode k the samples with the largest gate :math:`g_{nk}`
 (:func:`collect_mode_gates`, :func:`top_samples_per_mode`, :func:`plot_mode_samples`).
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 
 def effective_num_components(weights: Tensor, min_weight: float = 0.01) -> Tensor:
-    """Number of mixture components with weight λ_k >= ``min_weight`` (000 Sec. 5.3, Fig. 9).
+    """Number of mixture components with weight λ_k >= ``min_weight`` (Kalayeh & Shah, Sec. 5.3, Fig. 9).
 
     Shape: ``(..., K)`` -> ``(...)`` (int64).
     """
@@ -70,7 +70,7 @@ def _mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class MixtureRecorder:
-    """The fits of every ``MixtureNorm`` in a model over training (000 Fig. 8–9).
+    """The fits of every ``MixtureNorm`` in a model over training (Kalayeh & Shah, Fig. 8–9).
 
     :meth:`record` reads the diagnostics each layer wrote at its latest training step (buffers
     ``last_weight`` λ (K,), ``last_mean`` μ and ``last_var`` σ² (K, C), ``last_num_components``)
@@ -164,7 +164,7 @@ def plot_effective_components(
     window: int = 1,
     layers: Sequence[str] | None = None,
 ) -> Path:
-    """000 Fig. 9: number of components used by each MixtureNorm layer against the step, smoothed
+    """Kalayeh & Shah, Fig. 9: number of components used by each MixtureNorm layer against the step, smoothed
     by a trailing running average over ``window`` records with ±1 running standard deviation
     shaded. ``key`` is ``"num_components"`` (the layer's count), ``"effective"`` or
     ``"perplexity"``; ``history`` is :attr:`MixtureRecorder.history`."""
@@ -193,7 +193,7 @@ def plot_mixture_weights(
     layers: Sequence[str] | None = None,
 ) -> Path:
     """Component weights λ_k of each MixtureNorm layer over training, sorted in decreasing order
-    at every step (000 Fig. 8 sorts components by λ_k): one panel per layer, one curve per rank."""
+    at every step (Kalayeh & Shah, Fig. 8 sorts components by λ_k): one panel per layer, one curve per rank."""
     names = list(layers) if layers is not None else _layer_names(history)
     if not names:
         raise ValueError("plot_mixture_weights: the history has no layer")
@@ -220,7 +220,7 @@ def plot_mixture_evolution(
     fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
     channels: Sequence[int] = (0, 1, 2),
 ) -> Path:
-    """000 Fig. 8: a MixtureNorm layer's fitted components at fractions of training.
+    """Kalayeh & Shah, Fig. 8: a MixtureNorm layer's fitted components at fractions of training.
 
     Columns are the records closest to each fraction of the last recorded step (needs a
     :class:`MixtureRecorder` with ``store_params=True``); the top rows show, per channel, the
@@ -276,7 +276,7 @@ def collect_mode_gates(
     inputs: Tensor,
     batch_size: int = 256,
 ) -> Tensor:
-    """Gate assignments g_nk of a ModeNorm layer for every sample of ``inputs`` (001 Fig. 3).
+    """Gate assignments g_nk of a ModeNorm layer for every sample of ``inputs`` (Deecke et al., Fig. 3).
 
     Runs ``model`` in eval mode on ``inputs`` in chunks of ``batch_size`` (restoring its previous
     train/eval state afterwards), captures the input of ``layer`` (a module of the model or its
@@ -314,7 +314,7 @@ def collect_mode_gates(
 
 
 def top_samples_per_mode(gates: Tensor, n: int = 8) -> Tensor:
-    """Indices of the ``n`` samples with the largest gate for each mode (001 Fig. 3), ``(K, n)``,
+    """Indices of the ``n`` samples with the largest gate for each mode (Deecke et al., Fig. 3), ``(K, n)``,
     most strongly claimed first. ``gates`` is ``(N, K)``."""
     if gates.dim() != 2:
         raise ValueError(f"top_samples_per_mode: gates must be (N, K), got {tuple(gates.shape)}")
@@ -329,7 +329,7 @@ def plot_mode_samples(
     path: str | os.PathLike[str],
     gates: Tensor | None = None,
 ) -> Path:
-    """001 Fig. 3: one row per mode showing the images at ``indices`` (``(K, n)`` from
+    """Deecke et al., Fig. 3: one row per mode showing the images at ``indices`` (``(K, n)`` from
     :func:`top_samples_per_mode`). ``images`` is ``(N, H, W)``, ``(N, 1, H, W)`` or
     ``(N, 3, H, W)``; each image is min-max scaled for display. With ``gates`` (N, K) each
     image is titled with its gate value."""

@@ -1,17 +1,17 @@
-r"""Training acceleration from learning curves (000 Tables 2–6; 003 Table 1, Fig. 5).
+r"""Training acceleration from learning curves (Kalayeh & Shah, Tables 2–6; Collins et al., Table 1, Fig. 5).
 
 A learning curve is a pair ``(steps, values)`` of equal-length 1-D arrays — e.g. the ``step`` and
 ``test_acc`` of the records of a run's ``metrics.jsonl`` (:func:`learning_curve`). The measures:
 
-* **Steps to a target** (000 Tables 3, 5, 6, following Ioffe & Szegedy): the first step at which
+* **Steps to a target** (Kalayeh & Shah, Tables 3, 5, 6, following Ioffe & Szegedy): the first step at which
   the curve reaches the target accuracy; by default the target is the *baseline's* maximum
   accuracy. ``None`` when the curve never reaches it.
-* **Relative reduction** (000: "reduces the number of training steps ... by ~31%"):
-  :math:`1 - s_{method}/s_{baseline}`; **speed-up** (003 Table 1, "4.4 x = 26.6/6.1"):
+* **Relative reduction** (Kalayeh & Shah: "reduces the number of training steps ... by ~31%"):
+  :math:`1 - s_{method}/s_{baseline}`; **speed-up** (Collins et al., Table 1, "4.4 x = 26.6/6.1"):
   :math:`s_{baseline}/s_{method}`.
-* **Best accuracy after a fraction of training** (000 Tables 2, 4: maximum test accuracy after
+* **Best accuracy after a fraction of training** (Kalayeh & Shah, Tables 2, 4: maximum test accuracy after
   25/50/75/100 % of the epochs): the maximum over the records with step <= fraction × total steps.
-* **Speed-up over the course of training** (003 Fig. 5–6): for every accuracy the baseline reaches
+* **Speed-up over the course of training** (Collins et al., Fig. 5–6): for every accuracy the baseline reaches
   (each new running maximum), its steps to that accuracy divided by the method's.
 
 :func:`acceleration_table` turns ``{run name: metrics records}`` into table rows for a report.
@@ -91,7 +91,7 @@ def best_accuracy(steps: Sequence[float], values: Sequence[float]) -> tuple[floa
 def steps_to_target(
     steps: Sequence[float], values: Sequence[float], target: float, tol: float = 0.0
 ) -> int | float | None:
-    """First step at which ``value >= target - tol`` (000 Table 3 "steps to 87.95%"), or
+    """First step at which ``value >= target - tol`` (Kalayeh & Shah, Table 3 "steps to 87.95%"), or
     ``None`` if the curve never reaches the target."""
     s, v = _curve(steps, values, "steps_to_target")
     hit = np.nonzero(v >= target - tol)[0]
@@ -105,7 +105,7 @@ def best_after_fractions(
     total_steps: float | None = None,
 ) -> list[float | None]:
     """Maximum value over the records with ``step <= fraction * total_steps`` for each fraction
-    (000 Tables 2, 4: best test accuracy after 25/50/75/100 % of training). ``total_steps``
+    (Kalayeh & Shah, Tables 2, 4: best test accuracy after 25/50/75/100 % of training). ``total_steps``
     defaults to the last step of the curve; ``None`` where no record falls in the window."""
     s, v = _curve(steps, values, "best_after_fractions")
     if total_steps is None:
@@ -130,8 +130,8 @@ class Acceleration:
     target: float
     baseline_steps: int | float | None
     method_steps: int | float | None
-    reduction: float | None  # 1 - method / baseline (000: "reduces ... by ~31%")
-    speedup: float | None  # baseline / method (003 Table 1)
+    reduction: float | None  # 1 - method / baseline (Kalayeh & Shah: "reduces ... by ~31%")
+    speedup: float | None  # baseline / method (Collins et al., Table 1)
 
 
 def acceleration(
@@ -143,7 +143,7 @@ def acceleration(
     tol: float = 0.0,
 ) -> Acceleration:
     """Steps each curve needs to reach ``target`` (default: the baseline's best value) and the
-    relative reduction / speed-up of the method over the baseline (000 Tables 3, 5, 6; 003
+    relative reduction / speed-up of the method over the baseline (Kalayeh & Shah, Tables 3, 5, 6; Collins et al.
     Table 1)."""
     if target is None:
         target = best_accuracy(baseline_steps, baseline_values)[0]
@@ -162,7 +162,7 @@ def speedup_curve(
     method_steps: Sequence[float],
     method_values: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Speed-up over the course of training (003 Fig. 5–6).
+    """Speed-up over the course of training (Collins et al., Fig. 5–6).
 
     For every baseline record that sets a new running maximum a (the accuracies the baseline
     reaches, in order), the speed-up is (baseline's steps to a) / (method's steps to a). Returns
@@ -203,8 +203,8 @@ def acceleration_table(
 
     Each row: ``name``, ``best`` (max value) and ``best_step``, ``best_after`` (a dict
     fraction -> best value after that fraction of ``total_steps``, default each run's own last
-    step; 000 Tables 2, 4), ``target`` (default the baseline's best), ``steps_to_target``,
-    ``reduction`` and ``speedup`` relative to the baseline (000 Tables 3, 5, 6; 003 Table 1;
+    step; Kalayeh & Shah, Tables 2, 4), ``target`` (default the baseline's best), ``steps_to_target``,
+    ``reduction`` and ``speedup`` relative to the baseline (Kalayeh & Shah, Tables 3, 5, 6; Collins et al., Table 1;
     None where a curve never reaches the target).
     """
     if baseline not in runs:
@@ -243,7 +243,7 @@ def plot_speedup(
     path: str | os.PathLike[str],
     key: str = "test_acc",
 ) -> Path:
-    """003 Fig. 5–6: speed-up of each method over the baseline across training
+    """Collins et al., Fig. 5–6: speed-up of each method over the baseline across training
     (:func:`speedup_curve`) against the baseline's steps, from metrics records. Returns the path."""
     from normlab.analysis._plot import new_figure, save_figure
 

@@ -1,6 +1,6 @@
-r"""Stochastic Normalization Disturbance and conditioning of normalized outputs (002 Sec. 4).
+r"""Stochastic Normalization Disturbance and conditioning of normalized outputs (Huang et al., Sec. 4).
 
-**SND** (002 Eq. 9–10). For a sample x and a normalization F, the output
+**SND** (Huang et al., Eq. 9–10). For a sample x and a normalization F, the output
 :math:`\hat x = F(X^B; x)` depends on the mini-batch :math:`X^B` it is normalized with, so it is a
 random variable. Its disturbance is
 
@@ -11,7 +11,7 @@ random variable. Its disturbance is
         F(X^B_j; x)\Big\| \quad (10),
 
 and the SND of F is :math:`\widehat\Delta_F = \frac1N\sum_{n=1}^N \widehat\Delta_F(x_n)` over N
-sampled examples (002 Sec. 4.1). :func:`snd` estimates it for *any* layer (a module or a registry
+sampled examples (Huang et al., Sec. 4.1). :func:`snd` estimates it for *any* layer (a module or a registry
 spec): each mini-batch is ``x`` followed by ``B − 1`` other examples drawn uniformly without
 replacement from the pool (not x itself), and the layer is run on it in training mode, so
 :math:`F(X^B_i; x)` is exactly what the layer outputs for x in a training step with that batch.
@@ -19,7 +19,7 @@ Reading: the paper does not say whether x belongs to :math:`X^B`; a batch-statis
 only normalize the samples it is given, so x is one of the B samples (this is also what happens in
 training). The norm is the Euclidean norm of the whole output of x (all channels and positions).
 
-**Conditioning** (002 Fig. 4a): the condition number :math:`\lambda_{max}/\lambda_{min}` of the
+**Conditioning** (Huang et al., Fig. 4a): the condition number :math:`\lambda_{max}/\lambda_{min}` of the
 covariance matrix of a layer's normalized output over a mini-batch
 (:func:`covariance_condition_number`, :func:`normalized_condition_number`).
 
@@ -52,7 +52,7 @@ __all__ = [
 
 
 def snd_from_outputs(outputs: Tensor) -> Tensor:
-    r"""Empirical SND of one sample from its ``s`` normalized outputs (002 Eq. 10).
+    r"""Empirical SND of one sample from its ``s`` normalized outputs (Huang et al., Eq. 10).
 
     ``outputs[i]`` is :math:`F(X^B_i; x)`; returns
     :math:`\frac1s\sum_i \|F(X^B_i;x) - \frac1s\sum_j F(X^B_j;x)\|_2` as a 0-d tensor (float32 for
@@ -108,7 +108,7 @@ def snd(
     sample_indices: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Per-sample SND :math:`\widehat\Delta_F(x_n)` of a normalization (002 Eq. 9–10).
+    r"""Per-sample SND :math:`\widehat\Delta_F(x_n)` of a normalization (Huang et al., Eq. 9–10).
 
     Args:
         norm: a layer (copied, then run in training mode) or a registry spec such as ``"bn"`` or
@@ -123,7 +123,7 @@ def snd(
 
     Returns:
         ``(N,)`` tensor of :math:`\widehat\Delta_F(x_n)`; its mean is the SND
-        :math:`\widehat\Delta_F` of the normalization (002 Sec. 4.1).
+        :math:`\widehat\Delta_F` of the normalization (Huang et al., Sec. 4.1).
     """
     _check_pool(data, batch_size, "snd")
     s = _check_count(num_draws, "num_draws", "snd")
@@ -183,7 +183,7 @@ def normalized_condition_number(
     num_batches: int = 10,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Condition numbers of the covariance of a layer's training-mode output (002 Fig. 4a).
+    r"""Condition numbers of the covariance of a layer's training-mode output (Huang et al., Fig. 4a).
 
     Draws ``num_batches`` mini-batches of ``batch_size`` examples without replacement from
     ``data``, normalizes each with (a copy of) the layer in training mode and returns
@@ -208,7 +208,7 @@ def plot_snd(
     logx: bool = True,
     logy: bool = False,
 ) -> Path:
-    """002 Fig. 4–5 style line plot: ``curves`` maps a label (e.g. "BN", "IterNorm", "DBN") to
+    """Huang et al., Fig. 4–5 style line plot: ``curves`` maps a label (e.g. "BN", "IterNorm", "DBN") to
     ``(xs, ys)`` — SND or condition number against dimension or batch size. Returns the path."""
     if not curves:
         raise ValueError("plot_snd: no curves to plot")

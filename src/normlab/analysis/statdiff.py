@@ -1,4 +1,4 @@
-r"""Statistical differences between channels normalized together (004 Sec. 6.1.4, Eq. 35, Fig. 6).
+r"""Statistical differences between channels normalized together (Qiao et al., Sec. 6.1.4, Eq. 35, Fig. 6).
 
 For a group g of channels that a channel-based normalization (GN, LN) normalizes together, with
 running per-channel means :math:`\mu^r_c` and standard deviations :math:`\sigma_c` of the
@@ -16,7 +16,7 @@ channels drift apart, leaving some channels under-represented after Eq. 30.
 :func:`stat_diff` is the pure formula; :class:`StatDiffCollector` puts forward hooks on a model's
 convolutions and keeps, per convolution, running per-channel E[x] and E[x²] over training batches
 (so σ_c² = E[x²] − E[x]²), from which it evaluates Eq. 35 per group and the summary plotted in
-004 Fig. 6. :func:`plot_stat_diff` draws that summary over training.
+Qiao et al., Fig. 6. :func:`plot_stat_diff` draws that summary over training.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["StatDiffCollector", "plot_stat_diff", "stat_diff"]
 
 
 def stat_diff(mean: Tensor, var: Tensor, num_groups: int, eps: float = 1e-12) -> Tensor:
-    r"""StatDiff of each channel group (004 Eq. 35).
+    r"""StatDiff of each channel group (Qiao et al., Eq. 35).
 
     Args:
         mean: per-channel means :math:`\mu^r_c`, shape ``(..., C)``.
@@ -73,7 +73,7 @@ GroupsArg = int | Mapping[str, int] | Callable[[str, nn.Module], int] | None
 
 
 class StatDiffCollector:
-    r"""Running per-channel statistics after convolutions, and their StatDiff (004 Fig. 6).
+    r"""Running per-channel statistics after convolutions, and their StatDiff (Qiao et al., Fig. 6).
 
     Registers a forward hook on every module of ``model`` that is an instance of ``modules``
     (by default every ``nn.Conv1d/2d/3d``, which includes normlab's ``WSConv*``). In training mode
@@ -97,7 +97,7 @@ class StatDiffCollector:
     when the model's order of registration does not follow the data flow.
 
     Use it as a trainer callback (``callbacks=[collector]`` records every ``every`` steps), or call
-    :meth:`record` yourself (004 records after every epoch). Remove the hooks with :meth:`remove`
+    :meth:`record` yourself (Qiao et al. record after every epoch). Remove the hooks with :meth:`remove`
     or a ``with`` block.
     """
 
@@ -163,7 +163,7 @@ class StatDiffCollector:
         return (m2 - m1 * m1).clamp_min(0)
 
     def stat_diff(self) -> dict[str, Tensor]:
-        """StatDiff of every group (004 Eq. 35), ``{layer name: (G,) tensor}``, for the layers
+        """StatDiff of every group (Qiao et al., Eq. 35), ``{layer name: (G,) tensor}``, for the layers
         that have seen at least one batch."""
         out = {}
         for name in self.modules:
@@ -173,7 +173,7 @@ class StatDiffCollector:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """004 Fig. 6 at this point of training: each layer's StatDiff averaged over its groups
+        """Qiao et al., Fig. 6 at this point of training: each layer's StatDiff averaged over its groups
         (``layers``), and the mean and (population) standard deviation of those layer averages
         over all layers (``mean``, ``std``; NaN before any batch). Plain Python floats."""
         per_layer = {k: float(v.mean()) for k, v in self.stat_diff().items()}
@@ -267,7 +267,7 @@ def plot_stat_diff(
     path: str | os.PathLike[str],
     title: str | None = None,
 ) -> Path:
-    """004 Fig. 6: mean ± std (shaded) of StatDiff over layers against the training step.
+    """Qiao et al., Fig. 6: mean ± std (shaded) of StatDiff over layers against the training step.
 
     ``runs`` is one :attr:`StatDiffCollector.history` or a mapping ``{label: history}`` (e.g. GN,
     GN+WS, LN, LN+WS); one curve per run. Returns the written path.
@@ -283,7 +283,7 @@ def plot_stat_diff(
         ax.plot(steps, mean.tolist(), label=label or None)
         ax.fill_between(steps, (mean - std).tolist(), (mean + std).tolist(), alpha=0.25)
     ax.set_xlabel("step")
-    ax.set_ylabel("StatDiff (004 Eq. 35)")
+    ax.set_ylabel("StatDiff (Qiao et al., Eq. 35)")
     if title:
         ax.set_title(title)
     if any(runs):

@@ -1,7 +1,7 @@
 """Datasets that need no files: scikit-learn's 8×8 digits, a four-domain version of it, and
 Gaussian-mixture data.
 
-``digits-multidomain`` is a miniature of the multi-task setting of 001 Sec. 4.1, where MNIST,
+``digits-multidomain`` is a miniature of the multi-task setting of Deecke et al., Sec. 4.1, where MNIST,
 CIFAR-10, SVHN and Fashion-MNIST are joined into one 40-way task whose four parts have very
 different image statistics. Here the four domains are made from the same digits by transforms that
 change the pixel statistics strongly (see :data:`DOMAINS`); each domain keeps its own 10 labels
@@ -85,7 +85,7 @@ def _domain(x: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
 
 @register_dataset(
     "digits-multidomain",
-    "digits in 4 domains (original, inverted, low-contrast+offset, noisy), 40 classes (001 Sec. 4.1 in miniature)",
+    "digits in 4 domains (original, inverted, low-contrast+offset, noisy), 40 classes (Deecke et al., Sec. 4.1 in miniature)",
 )
 def load_digits_multidomain(
     root: str | os.PathLike[str] | None = None,
@@ -179,7 +179,7 @@ def load_synthetic(
     sample is one ``dim``-channel point, the layout normalization layers see after a linear layer.
 
     The label is the mode index, or ``mode % num_classes`` when ``num_classes`` is given (several
-    modes per class: the multimodal-class setting that motivates 000). Train and test are drawn from
+    modes per class: the multimodal-class setting that motivates Kalayeh & Shah). Train and test are drawn from
     the same mixture.
     """
     k = modes if num_classes is None else num_classes

@@ -9,7 +9,7 @@
 
 Every normalization slot is ``normlab.make_norm(norm, C)``; every convolution is ``nn.Conv2d`` or
 ``normlab.WSConv2d`` (``conv="ws"``, or ``"ws(center=false)"`` / ``"ws(scale=false)"`` /
-``"ws(eps=1e-4)"`` for the 004 Table 4 ablation). See :func:`available_models` /
+``"ws(eps=1e-4)"`` for the Qiao et al., Table 4 ablation). See :func:`available_models` /
 :func:`model_descriptions`.
 """
 

@@ -2,15 +2,15 @@
 
 Every normalization slot is built by :func:`normlab.make_norm` from the model's norm spec, and every
 convolution by :func:`make_conv` from the model's *conv spec*, so ``conv="ws"`` turns every
-convolution of a model into a :class:`normlab.WSConv2d` (004 Sec. 4) and the module names line up
+convolution of a model into a :class:`normlab.WSConv2d` (Qiao et al., Sec. 4) and the module names line up
 across models: ``<block>.conv``, ``<block>.norm``, ``<block>.act``.
 
 A conv spec is written like a norm spec (parsed by :func:`normlab.registry.parse_spec`)::
 
     "plain"                      # nn.Conv2d
     "ws"                         # WSConv2d, Eq. 5-7 (Eq. 11 and 12)
-    "ws(scale=false)"            # centering only, "- mean" of 004 Table 4 (Eq. 11)
-    "ws(center=false)"           # scaling only, "/ std" of 004 Table 4 (Eq. 12)
+    "ws(scale=false)"            # centering only, "- mean" of Qiao et al., Table 4 (Eq. 11)
+    "ws(center=false)"           # scaling only, "/ std" of Qiao et al., Table 4 (Eq. 12)
     "ws(eps=1e-4)"
     {"name": "ws", "center": False}
 

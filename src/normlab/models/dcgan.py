@@ -1,15 +1,15 @@
-"""DCGAN generator and discriminator for 32×32 images (000 Sec. 4.5).
+"""DCGAN generator and discriminator for 32×32 images (Kalayeh & Shah, Sec. 4.5).
 
-000: "Its generator consists of one linear and four deconvolution layers. The first three
+Kalayeh & Shah: "Its generator consists of one linear and four deconvolution layers. The first three
 deconvolution layers are separated from each other by batch normalization followed by ReLU."
 MN replaces "the batch normalization layers associated with the first two deconvolution layers",
 i.e. ``include=["deconv1.norm", "deconv2.norm"]`` on the generator. The layout follows the
-standard CIFAR DCGAN of the GAN-evaluation literature 000 compares with (Miyato et al. 2018,
+standard CIFAR DCGAN of the GAN-evaluation literature Kalayeh & Shah compare with (Miyato et al. 2018,
 "standard CNN"; z ∈ R^128, base width 512):
 
 generator ``G``: ``project`` (linear z → 512·4·4, reshape, norm, ReLU) → ``deconv1`` (4×4/2, 256,
 norm, ReLU) → ``deconv2`` (128) → ``deconv3`` (64) → ``deconv4`` (3×3/1 conv to the image
-channels, tanh). The norm after the linear projection is the reference implementation's; 000 does
+channels, tanh). The norm after the linear projection is the reference implementation's; Kalayeh & Shah do
 not mention it.
 
 discriminator ``D``: ``conv1`` 3×3 (64, no norm) → ``conv2`` 4×4/2 (128) → ``conv3`` 3×3 (128) →
@@ -88,7 +88,7 @@ def _check_image_size(image_size: int, model: str) -> int:
     return image_size
 
 
-@register_model("dcgan_g", "000 Sec. 4.5: DCGAN generator (linear + 4 deconv), z -> image")
+@register_model("dcgan_g", "Kalayeh & Shah, Sec. 4.5: DCGAN generator (linear + 4 deconv), z -> image")
 def dcgan_generator(
     num_classes: int = 1,
     in_channels: int = 3,
@@ -133,7 +133,7 @@ def dcgan_generator(
     return _dcgan_init(net)
 
 
-@register_model("dcgan_d", "000 Sec. 4.5: DCGAN discriminator (7 conv + linear), image -> logit")
+@register_model("dcgan_d", "Kalayeh & Shah, Sec. 4.5: DCGAN discriminator (7 conv + linear), image -> logit")
 def dcgan_discriminator(
     num_classes: int = 1,
     in_channels: int = 3,
@@ -189,7 +189,7 @@ class DCGAN(nn.Module):
         return self.generator(z)
 
 
-@register_model("dcgan", "000 Sec. 4.5: DCGAN generator + discriminator pair, per-network norms")
+@register_model("dcgan", "Kalayeh & Shah, Sec. 4.5: DCGAN generator + discriminator pair, per-network norms")
 def dcgan(
     num_classes: int = 1,
     in_channels: int = 3,
@@ -202,7 +202,7 @@ def dcgan(
     image_size: int = 32,
 ) -> nn.Module:
     """:class:`DCGAN` with ``g_norm`` in the generator and ``d_norm`` in the discriminator (each
-    defaults to ``norm``). 000's DCGAN-MN: ``g_norm="bn"`` then
+    defaults to ``norm``). Kalayeh & Shah's DCGAN-MN: ``g_norm="bn"`` then
     ``normlab.convert(model, "mixture(k=3, em_iters=2)", include=["generator.deconv1.norm",
     "generator.deconv2.norm"])``.
     """

@@ -1,10 +1,10 @@
-"""DenseNet for CIFAR (Huang et al. 2017) as used in 000 Sec. 4.4: three dense blocks, two
+"""DenseNet for CIFAR (Huang et al. 2017) as used in Kalayeh & Shah, Sec. 4.4: three dense blocks, two
 transition layers, growth rate 12, depth 40 or 100, basic (non-bottleneck) layers.
 
 Names: ``conv1`` (bare 3×3 stem conv), ``dense1`` / ``dense2`` / ``dense3`` with layers
 ``denseB.layerI`` (children ``norm``, ``act``, ``conv``: pre-activation), transitions ``trans1``,
 ``trans2`` (children ``norm``, ``act``, ``conv``, ``pool``) and ``final`` (``norm``, ``act``) before
-global average pooling and ``fc``. 000's MN placement ("the batch normalization layers of two
+global average pooling and ``fc``. Kalayeh & Shah's MN placement ("the batch normalization layers of two
 transition layers and the last, after the third dense block") is
 ``include=["trans*.norm", "final.norm"]``.
 """
@@ -28,7 +28,7 @@ from normlab.registry import NormSpec, make_norm
 
 __all__ = ["DenseLayer", "densenet"]
 
-#: 000 Sec. 4.4's DenseNet placement of mixture normalization, as ``convert`` include patterns.
+#: Kalayeh & Shah, Sec. 4.4's DenseNet placement of mixture normalization, as ``convert`` include patterns.
 DENSENET_MN_PLACEMENT = ["trans*.norm", "final.norm"]
 
 
@@ -43,7 +43,7 @@ class DenseLayer(NormActConv):
 
 
 @register_model(
-    "densenet", "000 Sec. 4.4: DenseNet-40/100 (k=12) for CIFAR, 3 blocks, 2 transitions"
+    "densenet", "Kalayeh & Shah, Sec. 4.4: DenseNet-40/100 (k=12) for CIFAR, 3 blocks, 2 transitions"
 )
 def densenet(
     num_classes: int = 100,
@@ -61,8 +61,8 @@ def densenet(
     for the basic DenseNets of Huang et al.; 2·growth is their choice for DenseNet-BC).
 
     DenseNet-40 (k = 12) ≈ 1.0M and DenseNet-100 (k = 12) ≈ 7.0M parameters (Huang et al. Table 2);
-    the last normalization sees 16 + 3·12·12 = 448 channels for depth 40 (000 Sec. 5 / Table 7).
-    000 says "basic architectures", so no bottleneck layers and no compression.
+    the last normalization sees 16 + 3·12·12 = 448 channels for depth 40 (Kalayeh & Shah, Sec. 5 / Table 7).
+    Kalayeh & Shah say "basic architectures", so no bottleneck layers and no compression.
     """
     check_positive(depth, "depth", "densenet")
     check_positive(growth, "growth", "densenet")

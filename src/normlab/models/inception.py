@@ -1,11 +1,11 @@
-"""Inception-V3 (Szegedy et al. 2016) adapted to CIFAR as in 000 Sec. 4.3.
+"""Inception-V3 (Szegedy et al. 2016) adapted to CIFAR as in Kalayeh & Shah, Sec. 4.3.
 
-000's modification: the first convolution has stride 1 instead of 2 and the first max-pool is
+Kalayeh & Shah's modification: the first convolution has stride 1 instead of 2 and the first max-pool is
 removed, so the output stride is 8 and a 32×32 input ends as a 3×3 map before global average
 pooling. The rest is Inception-V3: three Inception blocks of 3, 4 and 2 layers separated by two
 grid-reduction modules.
 
-Names (000 Table 4 notation → module name):
+Names (Kalayeh & Shah, Table 4 notation → module name):
 
 * stem convolutions ``conv1`` .. ``conv5`` (ConvNormAct) and the remaining max-pool ``pool``;
 * "inc1/0".."inc1/2" → ``inc1_0``..``inc1_2`` (35×35-type modules, Fig. 5 of Szegedy et al.);
@@ -14,10 +14,10 @@ Names (000 Table 4 notation → module name):
 * ``gap``, ``dropout``, ``fc``.
 
 Inside a module the branches are ``branch0``, ``branch1``, … and a branch's convolutions are
-numbered from 0 (a leading pool is ``pool``), so 000's "inc2/0/2/4" (the fifth norm of the third
+numbered from 0 (a leading pool is ``pool``), so Kalayeh & Shah's "inc2/0/2/4" (the fifth norm of the third
 branch of the first layer of block 2) is ``inc2_0.branch2.4.norm``. Where a branch ends in two
 parallel convolutions (1×3 and 3×1 in ``inc3_*``), they are ``.a`` and ``.b`` of a split module.
-000 replaces "the last batch normalization in each branch" of a layer; use
+Kalayeh & Shah replace "the last batch normalization in each branch" of a layer; use
 :meth:`InceptionV3CIFAR.branch_end_norms` to get those names as ``convert`` include patterns.
 """
 
@@ -76,7 +76,7 @@ class InceptionV3CIFAR(Named):
 
     def branch_end_norms(self, *layers: str) -> list[str]:
         """Qualified names of the last normalization of every branch of the given Inception/
-        reduction layers (000 Table 4: "we only replace the last batch normalization in each
+        reduction layers (Kalayeh & Shah, Table 4: "we only replace the last batch normalization in each
         branch of the corresponding Inception layer"), e.g.::
 
             normlab.convert(model, "mixture(k=3)", include=model.branch_end_norms("inc2_0", "inc3_0"))
@@ -104,7 +104,7 @@ def inception_v3_cifar_layers() -> list[str]:
 
 @register_model(
     "inception_v3_cifar",
-    "000 Sec. 4.3: Inception-V3 for CIFAR (stride-1 first conv, no first max-pool)",
+    "Kalayeh & Shah, Sec. 4.3: Inception-V3 for CIFAR (stride-1 first conv, no first max-pool)",
 )
 def inception_v3_cifar(
     num_classes: int = 10,
@@ -115,7 +115,7 @@ def inception_v3_cifar(
     dropout: float = 0.2,
     pad_reductions: bool = False,
 ) -> nn.Module:
-    """Inception-V3 for 32×32 input (000 Sec. 4.3), channel counts of Szegedy et al. (2016) times
+    """Inception-V3 for 32×32 input (Kalayeh & Shah, Sec. 4.3), channel counts of Szegedy et al. (2016) times
     ``width``; every convolution is conv + norm + ReLU (ConvNormAct).
 
     Stem: conv1 3×3/1 (32) → conv2 3×3 (32) → conv3 3×3 (64) → [first max-pool removed] →
@@ -124,11 +124,11 @@ def inception_v3_cifar(
     dropout, ``fc``. Without auxiliary classifier. With num_classes = 1000 it has exactly the
     parameter count of the reference Inception-V3 without its auxiliary head (23.83M).
 
-    Padding choice: 000 states the final map is 3×3 for 32×32 input. The stem convolutions are
+    Padding choice: Kalayeh & Shah state the final map is 3×3 for 32×32 input. The stem convolutions are
     therefore "same"-padded while the max-pool and the two grid reductions are unpadded
     (32 → 15 → 7 → 3); with the reference "valid" stem it would end at 2×2. ``pad_reductions=True``
     pads those three stride-2 steps as well (32 → 16 → 8 → 4; 8 → 4 → 2 → 1), which lets 8×8 inputs
-    through. ``dropout`` before ``fc`` is 0.2 as in the reference TF-slim model (000 does not say).
+    through. ``dropout`` before ``fc`` is 0.2 as in the reference TF-slim model (Kalayeh & Shah do not say).
     Minimum input side: 15 (4 with ``pad_reductions``).
     """
     if not 0.0 <= dropout < 1.0:

@@ -2,11 +2,11 @@
 
 Plain data, so an experiment config can name a placement instead of spelling out module names::
 
-    model_name, include = PLACEMENTS["000/inception/inc2_0+inc3_0"]
+    model_name, include = PLACEMENTS["mixture/inception/inc2_0+inc3_0"]
     normlab.convert(model, "mixture(k=5, em_iters=2)", include=include)
 
 The Inception entries list "the last batch normalization in each branch" of each named layer
-(000 Table 4 caption); they equal ``model.branch_end_norms(...)`` (checked by the tests).
+(Kalayeh & Shah, Table 4 caption); they equal ``model.branch_end_norms(...)`` (checked by the tests).
 """
 
 from __future__ import annotations
@@ -39,29 +39,29 @@ def inception_branch_ends(*layers: str) -> list[str]:
 
 #: key -> (model name, include list). Keys are "<paper>/<model>/<placement as in the paper>".
 PLACEMENTS: dict[str, tuple[str, list[str]]] = {
-    # 000 Table 2: CIFAR CNN.
-    "000/cifar_cnn/conv3": ("cifar_cnn", ["conv3.norm"]),
-    "000/cifar_cnn/conv2": ("cifar_cnn", ["conv2.norm"]),
-    "000/cifar_cnn/conv2+conv3": ("cifar_cnn", ["conv2.norm", "conv3.norm"]),
-    # 000 Table 4 / Fig. 4: Inception-V3.
-    "000/inception/red1+red2": ("inception_v3_cifar", inception_branch_ends("red1", "red2")),
-    "000/inception/red1+red2+inc3_0": (
+    # Kalayeh & Shah, Table 2: CIFAR CNN.
+    "mixture/cifar_cnn/conv3": ("cifar_cnn", ["conv3.norm"]),
+    "mixture/cifar_cnn/conv2": ("cifar_cnn", ["conv2.norm"]),
+    "mixture/cifar_cnn/conv2+conv3": ("cifar_cnn", ["conv2.norm", "conv3.norm"]),
+    # Kalayeh & Shah, Table 4 / Fig. 4: Inception-V3.
+    "mixture/inception/red1+red2": ("inception_v3_cifar", inception_branch_ends("red1", "red2")),
+    "mixture/inception/red1+red2+inc3_0": (
         "inception_v3_cifar",
         inception_branch_ends("red1", "red2", "inc3_0"),
     ),
-    "000/inception/inc2_0+inc3_0": (
+    "mixture/inception/inc2_0+inc3_0": (
         "inception_v3_cifar",
         inception_branch_ends("inc2_0", "inc3_0"),
     ),
-    "000/inception/inc2_1+inc3_0": (
+    "mixture/inception/inc2_1+inc3_0": (
         "inception_v3_cifar",
         inception_branch_ends("inc2_1", "inc3_0"),
     ),
-    # 000 Sec. 4.4: the two transitions and the norm after the third dense block.
-    "000/densenet/transitions+final": ("densenet", ["trans1.norm", "trans2.norm", "final.norm"]),
-    # 000 Sec. 4.5: the norms of the generator's first two deconvolutions.
-    "000/dcgan/deconv1+deconv2": ("dcgan", ["generator.deconv1.norm", "generator.deconv2.norm"]),
-    "000/dcgan_g/deconv1+deconv2": ("dcgan_g", ["deconv1.norm", "deconv2.norm"]),
+    # Kalayeh & Shah, Sec. 4.4: the two transitions and the norm after the third dense block.
+    "mixture/densenet/transitions+final": ("densenet", ["trans1.norm", "trans2.norm", "final.norm"]),
+    # Kalayeh & Shah, Sec. 4.5: the norms of the generator's first two deconvolutions.
+    "mixture/dcgan/deconv1+deconv2": ("dcgan", ["generator.deconv1.norm", "generator.deconv2.norm"]),
+    "mixture/dcgan_g/deconv1+deconv2": ("dcgan_g", ["deconv1.norm", "deconv2.norm"]),
 }
 
 

@@ -1,5 +1,5 @@
-"""Residual networks for 32×32 input: ``resnet_cifar`` (He et al. 2016, depth 6n+2; 001 Sec. 4.2,
-004), ``resnet18_cifar`` (004 Table 8) and ``wrn`` (Zagoruyko & Komodakis, WRN-d-k; 002 Sec. 5.2).
+"""Residual networks for 32×32 input: ``resnet_cifar`` (He et al. 2016, depth 6n+2; Deecke et al., Sec. 4.2,
+Qiao et al.), ``resnet18_cifar`` (Qiao et al., Table 8) and ``wrn`` (Zagoruyko & Komodakis, WRN-d-k; Huang et al., Sec. 5.2).
 
 Names: the stem is ``conv1`` (a ConvNormAct; a bare conv ``conv1`` for the pre-activation WRN),
 stages ``layer1``, ``layer2``, … of blocks ``layerS.B``; a post-activation basic block has
@@ -119,8 +119,8 @@ def resnet_cifar(
 
     ``shortcut="A"`` (default) is the original parameter-free zero-padding shortcut, giving
     ResNet-20 ≈ 0.27M, ResNet-56 ≈ 0.85M, ResNet-110 ≈ 1.7M parameters; ``"B"`` uses 1×1
-    conv + norm projections (then a norm sits on the shortcut as well). 001 uses depths 20 and 56;
-    004 uses 110 (and 20/56 in its CIFAR tables). ``width`` scales the channels.
+    conv + norm projections (then a norm sits on the shortcut as well). Deecke et al. use depths 20 and 56;
+    Qiao et al. use 110 (and 20/56 in its CIFAR tables). ``width`` scales the channels.
     """
     check_positive(depth, "depth", "resnet_cifar")
     if (depth - 2) % 6:
@@ -144,7 +144,7 @@ def resnet_cifar(
 
 
 @register_model(
-    "resnet18_cifar", "004 Table 8: ResNet-18 for CIFAR (3x3 stem, no max-pool), 64..512"
+    "resnet18_cifar", "Qiao et al., Table 8: ResNet-18 for CIFAR (3x3 stem, no max-pool), 64..512"
 )
 def resnet18_cifar(
     num_classes: int = 10,
@@ -154,7 +154,7 @@ def resnet18_cifar(
     width: float = 1.0,
     blocks: tuple[int, ...] | list[int] = (2, 2, 2, 2),
 ) -> nn.Module:
-    """ResNet-18 adapted to CIFAR, the variant 004 Table 8 compares against (from the SN/DN
+    """ResNet-18 adapted to CIFAR, the variant Qiao et al., Table 8 compares against (from the SN/DN
     papers): a 3×3 stride-1 stem ``conv1`` (64 channels, no max-pool), four stages
     ``layer1..layer4`` of two basic blocks with 64, 128, 256, 512 channels (stride 2 from stage 2),
     1×1-projection (option B) shortcuts, global average pool, ``fc``. ≈ 11.17M parameters.
@@ -216,7 +216,7 @@ class WideBlock(nn.Module):
         return h + self.shortcut(pre if self.project else x)
 
 
-@register_model("wrn", "Wide ResNet WRN-d-k (002 Sec. 5.2: 28-10, 40-10), pre-activation")
+@register_model("wrn", "Wide ResNet WRN-d-k (Huang et al., Sec. 5.2: 28-10, 40-10), pre-activation")
 def wrn(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -231,7 +231,7 @@ def wrn(
     channels, a final ``final`` (norm + ReLU), global average pool, ``fc``.
 
     WRN-28-10 ≈ 36.5M parameters. ``dropout`` between the two convolutions of a block (0.3 in some
-    WRN runs; 002 follows the WRN setup without saying, default 0). ``widen`` may be fractional for
+    WRN runs; Huang et al. follow the WRN setup without saying, default 0). ``widen`` may be fractional for
     reduced test models.
     """
     check_positive(depth, "depth", "wrn")

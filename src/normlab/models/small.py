@@ -1,6 +1,6 @@
-"""The papers' small networks: ``small_cnn`` (quickstart), ``cifar_cnn`` (000 Table 1), ``lenet``
-(001 Sec. 4.1), ``nin`` (001 Sec. 4.2), ``cnn3`` (003 A.1), ``mlp`` (003 A.2, 002 Fig. 3) and
-``convnet4`` (004 Sec. 6.1.3).
+"""The papers' small networks: ``small_cnn`` (quickstart), ``cifar_cnn`` (Kalayeh & Shah, Table 1), ``lenet``
+(Deecke et al., Sec. 4.1), ``nin`` (Deecke et al., Sec. 4.2), ``cnn3`` (Collins et al., App. A.1), ``mlp`` (Collins et al., App. A.2, Huang et al., Fig. 3) and
+``convnet4`` (Qiao et al., Sec. 6.1.3).
 
 Every convolution block is a :class:`~normlab.models.ConvNormAct` named ``conv1``, ``conv2``, … at
 the top level, so ``normlab.convert(model, spec, include="conv3.*")`` reaches the norm after the
@@ -65,7 +65,7 @@ def small_cnn(
     return init_weights(net)
 
 
-@register_model("cifar_cnn", "000 Table 1: 5-layer CIFAR CNN, conv1..conv4 + linear")
+@register_model("cifar_cnn", "Kalayeh & Shah, Table 1: 5-layer CIFAR CNN, conv1..conv4 + linear")
 def cifar_cnn(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -73,7 +73,7 @@ def cifar_cnn(
     conv: ConvSpec = "plain",
     width: float = 1.0,
 ) -> nn.Module:
-    """The CIFAR CNN of 000 Table 1.
+    """The CIFAR CNN of Kalayeh & Shah, Table 1.
 
     ======  ====================  ======  ================
     layer   type                  kernel  (stride, pad)
@@ -92,7 +92,7 @@ def cifar_cnn(
     Table 1 lists the max-pools as "(2, 0)" yet halves 32 → 16 → 8 → 4, which is TensorFlow's
     SAME padding; that is ``padding=1`` here (max-pool pads with −∞). ``pool4`` is the 4×4 average
     pool of the table written as a global average pool (identical on 32×32 input, and it lets the
-    net run on 8×8 digits). Channels are multiplied by ``width``. MN-1..4 of 000 Table 2 replace
+    net run on 8×8 digits). Channels are multiplied by ``width``. MN-1..4 of Kalayeh & Shah, Table 2 replace
     ``conv3.norm``.
     """
     c = [scaled(v, width) for v in (64, 128, 128, 256)]
@@ -113,7 +113,7 @@ def cifar_cnn(
     return init_weights(net)
 
 
-@register_model("lenet", "001 Sec. 4.1: LeNet-5 for the 40-way multi-task set")
+@register_model("lenet", "Deecke et al., Sec. 4.1: LeNet-5 for the 40-way multi-task set")
 def lenet(
     num_classes: int = 40,
     in_channels: int = 3,
@@ -124,12 +124,12 @@ def lenet(
     padding: int = 0,
     fc_norm: bool = False,
 ) -> nn.Module:
-    """LeNet-5 (LeCun et al.) as used for the multi-task experiment of 001 Sec. 4.1.
+    """LeNet-5 (LeCun et al.) as used for the multi-task experiment of Deecke et al., Sec. 4.1.
 
     conv1 (6, 5×5) → pool1 (2×2 max) → conv2 (16, 5×5) → pool2 → fc1 (120) → fc2 (84) → ``fc``
-    (``num_classes``, 40 in 001). 001 does not list the layers; this is the classic LeNet-5 with a
+    (``num_classes``, 40 in Deecke et al.). Deecke et al. do not list the layers; this is the classic LeNet-5 with a
     norm slot after each convolution (``fc_norm=True`` also puts one after fc1/fc2, as
-    ``fc1.norm``/``fc2.norm``). ``image_size`` (square input side, 32 in 001) sizes the first
+    ``fc1.norm``/``fc2.norm``). ``image_size`` (square input side, 32 in Deecke et al.) sizes the first
     linear layer; ``padding=2`` keeps the convolutions "same" so 8×8 digits fit
     (8 → 4 → 2, flattening 16·2·2).
     """
@@ -160,7 +160,7 @@ def lenet(
 
 
 @register_model(
-    "nin", "001 Sec. 4.2: Network in Network with a norm after every conv, dropout 0.25"
+    "nin", "Deecke et al., Sec. 4.2: Network in Network with a norm after every conv, dropout 0.25"
 )
 def nin(
     num_classes: int = 10,
@@ -171,7 +171,7 @@ def nin(
     dropout: float = 0.25,
 ) -> nn.Module:
     """Network in Network (Lin et al. 2014, CIFAR version) with every convolution coupled to a
-    normalization layer (001 Sec. 4.2) and dropout reduced to 0.25.
+    normalization layer (Deecke et al., Sec. 4.2) and dropout reduced to 0.25.
 
     conv1 (192, 5×5) conv2 (160, 1×1) conv3 (96, 1×1) → pool1 (3×3/2 max) → drop1 →
     conv4 (192, 5×5) conv5 (192, 1×1) conv6 (192, 1×1) → pool2 (3×3/2 avg) → drop2 →
@@ -210,7 +210,7 @@ def nin(
     return init_weights(net)
 
 
-@register_model("cnn3", "003 A.1: 3-layer CNN, 32/16/8 filters, 5x5, stride 2")
+@register_model("cnn3", "Collins et al., App. A.1: 3-layer CNN, 32/16/8 filters, 5x5, stride 2")
 def cnn3(
     num_classes: int = 10,
     in_channels: int = 1,
@@ -219,10 +219,10 @@ def cnn3(
     width: float = 1.0,
     image_size: int = 28,
 ) -> nn.Module:
-    """The MNIST CNN of 003 A.1: conv1 (32), conv2 (16), conv3 (8), each 5×5 with stride 2
+    """The MNIST CNN of Collins et al., App. A.1: conv1 (32), conv2 (16), conv3 (8), each 5×5 with stride 2
     (padding 2) and ReLU, then a linear classifier ``fc`` on the flattened features.
 
-    003 does not say how the logits are produced; a linear layer on the flattened last feature map
+    Collins et al. do not say how the logits are produced; a linear layer on the flattened last feature map
     (28 → 14 → 7 → 4, so 8·4·4 = 128 features) is the plain reading. ``image_size`` sizes it (8 for
     the digits: 8 → 4 → 2 → 1). With ``norm="none"`` this is the network trained with the
     standardization loss; the norm slots sit on the pre-activations the loss is computed on.
@@ -244,7 +244,7 @@ def cnn3(
     return init_weights(net)
 
 
-@register_model("mlp", "003 A.2 / 002 Fig. 3: MLP, configurable depth and width (100)")
+@register_model("mlp", "Collins et al., App. A.2 / Huang et al., Fig. 3: MLP, configurable depth and width (100)")
 def mlp(
     num_classes: int = 10,
     in_channels: int = 1,
@@ -258,7 +258,7 @@ def mlp(
     """Multi-layer perceptron: flatten → ``depth`` hidden blocks ``layer1..layerD`` (children
     ``fc``, ``norm``, ``act``; ``hidden`` units, ReLU) → classifier ``fc``.
 
-    003 A.2: "3 layers with 100 units per layer" → ``depth=3``. 002 Fig. 3: "a 4-layer MLP … the
+    Collins et al., App. A.2: "3 layers with 100 units per layer" → ``depth=3``. Huang et al., Fig. 3: "a 4-layer MLP … the
     number of neurons in each hidden layer is 100" → read the same way as four hidden layers,
     ``depth=4`` (the paper is ambiguous whether the output layer is counted; ``depth=3`` is the
     other reading). The norms see ``(N, hidden)`` input. Input size is ``in_features`` or
@@ -283,7 +283,7 @@ def mlp(
 
 
 @register_model(
-    "convnet4", "004 Sec. 6.1.3: 4 conv layers of 32 channels, each + 2x avg pool, GAP, linear"
+    "convnet4", "Qiao et al., Sec. 6.1.3: 4 conv layers of 32 channels, each + 2x avg pool, GAP, linear"
 )
 def convnet4(
     num_classes: int = 10,
@@ -293,7 +293,7 @@ def convnet4(
     width: float = 1.0,
     pool: bool = True,
 ) -> nn.Module:
-    """The 4-layer network of 004 Sec. 6.1.3 (Fig. 5): conv1..conv4, each 32 channels (3×3, the
+    """The 4-layer network of Qiao et al., Sec. 6.1.3 (Fig. 5): conv1..conv4, each 32 channels (3×3, the
     kernel size is not stated) + norm + ReLU and followed by a 2× average pool ``pool1..pool4``;
     then global average pool and ``fc``. ``pool=False`` drops the four pools (for inputs smaller
     than 16×16, e.g. the 8×8 digits, whose side would otherwise shrink to 0).

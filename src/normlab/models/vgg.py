@@ -1,7 +1,7 @@
-"""VGG networks for 32×32 input (Simonyan & Zisserman 2015): VGG13 of 001 Sec. 4.2 and the
-16-convolution, 1-linear VGG of 002 Sec. 5.1 (``depth=19``).
+"""VGG networks for 32×32 input (Simonyan & Zisserman 2015): VGG13 of Deecke et al., Sec. 4.2 and the
+16-convolution, 1-linear VGG of Huang et al., Sec. 5.1 (``depth=19``).
 
-Convolutions are numbered ``conv1..convN`` in order and max-pools ``pool1..pool5``; 001's layer
+Convolutions are numbered ``conv1..convN`` in order and max-pools ``pool1..pool5``; Deecke et al.'s layer
 names map as "conv3-64-1" → ``conv1`` (the first 3×3, 64-channel conv), "conv3-256-1" → the first
 256-channel conv (``conv5`` in VGG13).
 """
@@ -33,7 +33,7 @@ VGG_CONFIGS: dict[int, list[int | str]] = {
 }  # fmt: skip
 
 
-@register_model("vgg", "VGG for CIFAR: depth 13 (001) or 19 = 16 conv + 1 linear (002 Sec. 5.1)")
+@register_model("vgg", "VGG for CIFAR: depth 13 (Deecke et al.) or 19 = 16 conv + 1 linear (Huang et al., Sec. 5.1)")
 def vgg(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -45,9 +45,9 @@ def vgg(
     """VGG-``depth`` with a norm after every 3×3 convolution (ConvNormAct ``conv1..convN``), five
     2×2 max-pools ``pool1..pool5`` and one linear classifier ``fc`` on the 512 pooled features.
 
-    CIFAR VGGs replace the three ImageNet fully-connected layers by one linear layer; 002 states
+    CIFAR VGGs replace the three ImageNet fully-connected layers by one linear layer; Huang et al. state
     "16 convolution layers and 1 fully-connected layer" (``depth=19``). The supplementary material
-    with 002's exact layer list is not available, so configuration E is assumed. The pools use
+    with Huang et al.'s exact layer list is not available, so configuration E is assumed. The pools use
     ``ceil_mode`` and a global average pool precedes ``fc``: identical on 32×32 input (the map is
     already 1×1) and it lets 8×8 inputs pass. ``width`` scales the channels.
     """

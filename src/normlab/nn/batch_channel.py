@@ -1,17 +1,17 @@
-r"""Batch-Channel Normalization (004 Sec. 7, Eq. 40–43, Algorithm 1).
+r"""Batch-Channel Normalization (Qiao et al., Sec. 7, Eq. 40–43, Algorithm 1).
 
 BCN first normalizes every channel with batch information and a per-channel affine
-(γ^b_c, β^b_c) (004 Eq. 40–41)
+(γ^b_c, β^b_c) (Qiao et al., Eq. 40–41)
 
 .. math::  \dot X_{\cdot c\cdot\cdot} = \gamma^b_c\,\frac{X_{\cdot c\cdot\cdot}-\hat\mu_c}{\hat\sigma_c}
            + \beta^b_c ,
 
 then splits each sample's channels into G groups and normalizes each group over its channels and
-positions, with a per-*group* affine (γ^c_g, β^c_g) (004 Eq. 42)
+positions, with a per-*group* affine (γ^c_g, β^c_g) (Qiao et al., Eq. 42)
 
 .. math::  \dot Y_{bg\cdots} = \gamma^c_g\,\frac{\dot X_{bg\cdots}-\mu_{bg}}{\sigma_{bg}} + \beta^c_g .
 
-How μ̂_c, σ̂_c are obtained gives the two modes (004 Sec. 7.2):
+How μ̂_c, σ̂_c are obtained gives the two modes (Qiao et al., Sec. 7.2):
 
 * **large batch** (Sec. 7.2.1, Eq. 43 ``BCN(X) = CN(BN(X))``): μ̂, σ̂² are the batch statistics,
   exactly batch normalization — running statistics with PyTorch's momentum convention, eval uses
@@ -79,7 +79,7 @@ def _check_rate(rate: object, where: str) -> float:
         or not 0.0 <= rate <= 1.0
     ):
         raise ValueError(
-            f"{where}: the update rate r must be a number in [0, 1] (004 Algorithm 1 uses the "
+            f"{where}: the update rate r must be a number in [0, 1] (Qiao et al., Algorithm 1 uses the "
             f"learning rate), got {rate!r}"
         )
     return float(rate)
@@ -92,7 +92,7 @@ def channel_group_norm(
     group_bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Channel part of BCN (004 Eq. 42): group normalization of each sample with a per-GROUP
+    """Channel part of BCN (Qiao et al., Eq. 42): group normalization of each sample with a per-GROUP
     affine ``group_weight``/``group_bias`` of shape (G,).
 
     Implemented as ``F.group_norm`` with the per-group parameters repeated to per-channel ones
@@ -110,7 +110,7 @@ def channel_group_norm(
 def micro_batch_estimates(
     x: Tensor, mean: Tensor, var: Tensor, rate: float | Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Steps 1–4 of 004 Algorithm 1: the updated estimates (μ̂, σ̂²) after seeing batch ``x``.
+    """Steps 1–4 of Qiao et al., Algorithm 1: the updated estimates (μ̂, σ̂²) after seeing batch ``x``.
 
     ``σ̇²`` is the second moment of ``x`` around the PRE-update estimate ``mean``, computed from
     :func:`normlab.nn.stats.channel_sums` as ``Var_batch + (μ̇ − μ̂)²`` (which equals
@@ -143,7 +143,7 @@ def batch_channel_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Batch-Channel Normalization, 004 Eq. 40 then Eq. 42.
+    """Batch-Channel Normalization, Qiao et al., Eq. 40 then Eq. 42.
 
     With ``use_batch_stats=True`` the batch part is batch normalization with the batch's
     statistics (large-batch BCN, Eq. 43); ``mean``/``var`` (if given) are running statistics that
@@ -167,15 +167,15 @@ def batch_channel_norm(
 
 @register_norm(
     "bcn",
-    "batch-channel normalization (004 Sec. 7): batch norm per channel, then group norm per sample "
+    "batch-channel normalization (Qiao et al., Sec. 7): batch norm per channel, then group norm per sample "
     "with a per-group affine; micro_batch=true uses estimates updated at the learning rate",
 )
 class BCNorm(nn.Module):
-    r"""Batch-Channel Normalization (004 Sec. 7): BN (per-channel affine) then GN (per-group affine).
+    r"""Batch-Channel Normalization (Qiao et al., Sec. 7): BN (per-channel affine) then GN (per-group affine).
 
     Args:
         num_features: C, the number of channels.
-        num_groups: G for the channel part. ``None`` means ``min(32, C // 4)`` (004 Sec. 8.2); when
+        num_groups: G for the channel part. ``None`` means ``min(32, C // 4)`` (Qiao et al., Sec. 8.2); when
             that does not divide C, the largest divisor of C below it
             (:func:`normlab.nn.standard.default_num_groups`). An explicit value must divide C.
         eps: added to the variances inside both square roots.
@@ -183,7 +183,7 @@ class BCNorm(nn.Module):
             ``running = (1 - momentum) * running + momentum * batch``); unused in micro-batch mode.
         micro_batch: use Algorithm 1 (estimates updated at rate r) instead of batch statistics.
         rate: the update rate r of micro-batch mode, normally set every step to the learning rate
-            with :func:`set_bcn_rate` (004 Sec. 7.2.2) or :meth:`set_rate`; must be in [0, 1].
+            with :func:`set_bcn_rate` (Qiao et al., Sec. 7.2.2) or :meth:`set_rate`; must be in [0, 1].
 
     Parameters: ``weight``, ``bias`` (C,) = γ^b, β^b; ``group_weight``, ``group_bias`` (G,) = γ^c,
     β^c. Buffers: ``running_mean`` (μ̂, init 0), ``running_var`` (σ̂², init 1),
@@ -229,7 +229,7 @@ class BCNorm(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        """μ̂ = 0, σ̂² = 1 (004 Sec. 7.2.2), counter 0."""
+        """μ̂ = 0, σ̂² = 1 (Qiao et al., Sec. 7.2.2), counter 0."""
         self.running_mean.zero_()
         self.running_var.fill_(1)
         self.num_batches_tracked.zero_()
@@ -242,7 +242,7 @@ class BCNorm(nn.Module):
         nn.init.zeros_(self.group_bias)
 
     def set_rate(self, rate: float | Tensor) -> None:
-        """Set the micro-batch update rate r (004 Algorithm 1); r must be in [0, 1]."""
+        """Set the micro-batch update rate r (Qiao et al., Algorithm 1); r must be in [0, 1]."""
         self.rate = _check_rate(rate, f"{_LAYER}.set_rate")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -259,7 +259,7 @@ class BCNorm(nn.Module):
             )
         if self.rate is None:
             raise RuntimeError(
-                f"{_LAYER}(micro_batch=True): no update rate r is set. 004 Sec. 7.2.2 uses the "
+                f"{_LAYER}(micro_batch=True): no update rate r is set. Qiao et al., Sec. 7.2.2 uses the "
                 "learning rate: call normlab.set_bcn_rate(model, optimizer) before each training "
                 "step (or build the layer with rate=...)."
             )
@@ -282,7 +282,7 @@ class BCNorm(nn.Module):
 
 
 def set_bcn_rate(model: nn.Module, optimizer_or_rate: torch.optim.Optimizer | float) -> int:
-    """Set the micro-batch update rate r of every :class:`BCNorm` in ``model`` (004 Sec. 7.2.2:
+    """Set the micro-batch update rate r of every :class:`BCNorm` in ``model`` (Qiao et al., Sec. 7.2.2:
     r is the learning rate of the trainable parameters).
 
     ``optimizer_or_rate`` is an optimizer (its ``param_groups[0]["lr"]`` is used) or a number.

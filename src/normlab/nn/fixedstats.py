@@ -1,16 +1,16 @@
 r"""Batch normalization to fixed random per-channel statistics: the "distance to elimination
-singularities" experiment of 004 Sec. 6.1.3 (Eq. 33–34, Fig. 5).
+singularities" experiment of Qiao et al., Sec. 6.1.3 (Eq. 33–34, Fig. 5).
 
-Batch normalization makes every channel zero-mean with unit variance (004 Eq. 32), which keeps it
+Batch normalization makes every channel zero-mean with unit variance (Qiao et al., Eq. 32), which keeps it
 as far as possible from elimination singularities. This layer instead normalizes each channel c
-to a *pre-defined* mean :math:`\hat\mu_c` and scale :math:`\hat\sigma_c`, drawn once (004 Eq. 33)
+to a *pre-defined* mean :math:`\hat\mu_c` and scale :math:`\hat\sigma_c`, drawn once (Qiao et al., Eq. 33)
 
 .. math::
 
     \hat\mu_c \sim \mathcal N(0, \sigma_\mu^2), \qquad
     \hat\sigma_c = e^{\dot\sigma_c},\quad \dot\sigma_c \sim \mathcal N(0, \sigma_\sigma^2),
 
-and kept fixed during training, while the affine γ, β stays trainable (004 Eq. 34):
+and kept fixed during training, while the affine γ, β stays trainable (Qiao et al., Eq. 34):
 
 .. math::
 
@@ -20,7 +20,7 @@ and kept fixed during training, while the affine γ, β stays trainable (004 Eq.
 
 with μ, σ² the batch statistics of channel c (over N and all positions, as in batch normalization;
 running estimates in eval mode). ``sigma_mu = sigma_sigma = 0`` is batch normalization exactly;
-larger values put the model farther from BN, i.e. closer to singularities (004 Fig. 5).
+larger values put the model farther from BN, i.e. closer to singularities (Qiao et al., Fig. 5).
 
 Readings where the paper is open:
 
@@ -83,7 +83,7 @@ def draw_fixed_stats(
     sigma_sigma: float,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Draw the fixed per-channel targets of 004 Eq. 33.
+    r"""Draw the fixed per-channel targets of Qiao et al., Eq. 33.
 
     Returns ``(mean, std)``, both ``(C,)`` float32 on the CPU: ``mean = sigma_mu * z1`` and
     ``std = exp(sigma_sigma * z2)`` with z1, z2 two successive draws of C standard normals from
@@ -115,7 +115,7 @@ def fixed_stats_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""004 Eq. 34: ``γ (σ̂ (x − μ)/√(σ² + ε) + μ̂) + β`` per channel.
+    r"""Qiao et al., Eq. 34: ``γ (σ̂ (x − μ)/√(σ² + ε) + μ̂) + β`` per channel.
 
     μ, σ² are the batch statistics (``training=True``; the running buffers, if given, are updated
     in place as by ``F.batch_norm``) or the running estimates (``training=False``). ``weight`` γ and
@@ -137,10 +137,10 @@ def fixed_stats_norm(
 
 @register_norm(
     "fixedstats",
-    "batch norm to fixed random per-channel mean/std (004 Eq. 33-34, distance to singularities)",
+    "batch norm to fixed random per-channel mean/std (Qiao et al., Eq. 33-34, distance to singularities)",
 )
 class FixedStatsNorm(nn.Module):
-    r"""Batch normalization to fixed random per-channel statistics (004 Sec. 6.1.3, Eq. 33–34).
+    r"""Batch normalization to fixed random per-channel statistics (Qiao et al., Sec. 6.1.3, Eq. 33–34).
 
     ``y = γ (σ̂ (x − E[x])/√(Var[x] + ε) + μ̂) + β`` with μ̂ ~ N(0, sigma_mu²) and
     σ̂ = exp(N(0, sigma_sigma²)) drawn once per channel and fixed (see the module docstring of
@@ -208,7 +208,7 @@ class FixedStatsNorm(nn.Module):
 
     @torch.no_grad()
     def reset_targets(self) -> None:
-        """Draw μ̂, σ̂ again (004 Eq. 33); with an integer ``seed`` the same values come back."""
+        """Draw μ̂, σ̂ again (Qiao et al., Eq. 33); with an integer ``seed`` the same values come back."""
         mean, std = draw_fixed_stats(self.num_features, self.sigma_mu, self.sigma_sigma, self.seed)
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)

@@ -1,6 +1,6 @@
 r"""Batched k-means++ / k-means / EM for diagonal-covariance Gaussian mixtures (no autograd).
 
-The fitting engine behind :class:`normlab.MixtureNorm` (000 Sec. 3.2 and 4.2), usable on its own.
+The fitting engine behind :class:`normlab.MixtureNorm` (Kalayeh & Shah, Sec. 3.2 and 4.2), usable on its own.
 A mixture is fitted to *points*: the C-dimensional vectors of a channel-first tensor, one per sample
 and position, i.e. ``x`` of shape ``(N, C)`` (N points) or ``(N, C, *)`` (N·prod(*) points). The
 engine never moves channels last: every pass over the points is a (batched) matrix product on the
@@ -15,7 +15,7 @@ layout ``(N, K)`` / ``(N, K, L)`` (component index where the channel index was).
 Pieces (all run under ``torch.no_grad()``; iteration counts are fixed, so nothing synchronises
 with the host):
 
-* :func:`kmeans_plus_plus` — greedy k-means++ seeding (000 Sec. 4.2: "2 + log(K) trials"): the first
+* :func:`kmeans_plus_plus` — greedy k-means++ seeding (Kalayeh & Shah, Sec. 4.2: "2 + log(K) trials"): the first
   centre is a uniformly random point; each further centre is the best, by the k-means potential, of
   ``2 + ⌊ln K⌋`` candidates drawn by the D² rule (Arthur & Vassilvitskii's sampling, the greedy
   variant also used by scikit-learn).
@@ -23,7 +23,7 @@ with the host):
 * :func:`hard_m_step` / :func:`m_step` — maximum-likelihood (λ, μ, σ²) from hard or soft
   responsibilities, with ``reg_covar`` added to every variance (as scikit-learn does).
 * :func:`e_step` — posteriors by log-sum-exp; components can be masked out (``keep``), which
-  renormalises the posteriors over the remaining ones (000 Sec. 5.3).
+  renormalises the posteriors over the remaining ones (Kalayeh & Shah, Sec. 5.3).
 * :func:`kmeans_init` — Lloyd iterations, then the initial mixture: the hard M-step of the assignment
   that produced the final centres.
 * :func:`fit_gmm` — seeding, :func:`kmeans_init`, EM.
@@ -86,7 +86,7 @@ class GMMParams(NamedTuple):
 
 
 def split_em_iters(em_iters: int) -> tuple[int, int]:
-    """Split the paper's "EM iter." (000 Sec. 4.2: the same number of k-means and EM iterations,
+    """Split the paper's "EM iter." (Kalayeh & Shah, Sec. 4.2: the same number of k-means and EM iterations,
     reported as their sum) into ``(kmeans_iters, em_iters)``. An odd total gives the extra
     iteration to EM (it is EM that refines the likelihood; k-means only initialises it):
     0 -> (0, 0), 1 -> (0, 1), 2 -> (1, 1), 3 -> (1, 2), 4 -> (2, 2)."""
@@ -97,7 +97,7 @@ def split_em_iters(em_iters: int) -> tuple[int, int]:
 
 
 def num_seed_candidates(k: int) -> int:
-    """Candidates per greedy k-means++ step: ``2 + ⌊ln K⌋`` (000 Sec. 4.2; scikit-learn's rule)."""
+    """Candidates per greedy k-means++ step: ``2 + ⌊ln K⌋`` (Kalayeh & Shah, Sec. 4.2; scikit-learn's rule)."""
     return 2 + int(math.log(k))
 
 
@@ -459,7 +459,7 @@ def log_joint(
 def e_step(
     points: Tensor | PointSet, params: GMMParams, keep: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Posteriors ν_ik = λ_k p_k(x_i) / Σ_j λ_j p_j(x_i) (000 Eq. 31) and the per-point
+    """Posteriors ν_ik = λ_k p_k(x_i) / Σ_j λ_j p_j(x_i) (Kalayeh & Shah, Eq. 31) and the per-point
     log-likelihood log p(x_i). Components with ``keep[k] = False`` (and components of weight 0)
     get posterior exactly 0; the others are renormalised among themselves. At least one component
     must be kept. Shapes ``(N, K[, L])`` and ``(N[, L])``."""
@@ -484,7 +484,7 @@ def fit_gmm(
     init_means: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> GMMParams:
-    """Fit a K-component diagonal GMM to the points of ``points`` (000 Sec. 3.2, 4.2).
+    """Fit a K-component diagonal GMM to the points of ``points`` (Kalayeh & Shah, Sec. 3.2, 4.2).
 
     k-means++ seeding (skipped if ``init_means`` (K, C), in the points' original coordinates, is
     given) -> ``kmeans_iters`` Lloyd iterations -> the initial mixture from the final assignment

@@ -1,4 +1,4 @@
-r"""Mixture Normalization (000 Sec. 3.2, Eq. 26–40; Sec. 4.2, 5.1, 5.3).
+r"""Mixture Normalization (Kalayeh & Shah, Sec. 3.2, Eq. 26–40; Sec. 4.2, 5.1, 5.3).
 
 Points are the C-dimensional vectors x_i of a channel-first input, one per sample and position
 (m = N·H·W; (N, C) input is N points). Per training batch a K-component Gaussian mixture with
@@ -376,7 +376,7 @@ def mixture_norm(
     activation: str | None = None,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, MixtureStats]:
-    r"""The mixture normalizing transform with the posteriors given (000 Eq. 34–36, Eq. 40).
+    r"""The mixture normalizing transform with the posteriors given (Kalayeh & Shah, Eq. 34–36, Eq. 40).
 
     ``y_i = Σ_k ν_ik · φ(γ ⊙ (x_i − μ_k) / (√λ_k √(σ²_k + ε)) + β)`` with λ_k = Σ_i ν_ik / Σ_ij ν_ij
     (= mean_i ν_ik for posteriors), μ_k, σ²_k the ν̂-weighted mean and biased variance (Eq. 35–36),
@@ -541,7 +541,7 @@ def mixture_posteriors(
 
 
 def queue_decay_weights(valid: Tensor, decay: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """τ^t of 000 Eq. 39 for a queue of T slots (slot T−1 newest): τ^t ∝ ζ^{T−1−t}, normalised
+    """τ^t of Kalayeh & Shah, Eq. 39 for a queue of T slots (slot T−1 newest): τ^t ∝ ζ^{T−1−t}, normalised
     over the valid slots (for a full queue that is (1−ζ)/(1−ζ^T)·ζ^{T−1−t}); all 0 if none."""
     t = valid.shape[0]
     age = torch.arange(t - 1, -1, -1, device=valid.device, dtype=dtype)
@@ -565,7 +565,7 @@ def mixture_norm_inference(
     fit_mean: Tensor | None = None,
     fit_var: Tensor | None = None,
 ) -> Tensor:
-    """Eval-mode mixture normalization with a queue of fits (000 Eq. 38–39).
+    """Eval-mode mixture normalization with a queue of fits (Kalayeh & Shah, Eq. 38–39).
 
     ``queue_weight`` (T, K), ``queue_mean`` / ``queue_var`` (T, K, C): the normalization statistics
     λ, μ, σ² (Eq. 35–36) of the queued batches; ``queue_valid`` (T,) bool (slot T−1 newest);
@@ -616,9 +616,9 @@ def mixture_norm_inference(
     )
 
 
-@register_norm("mixture", "mixture normalization (000): per-batch diagonal GMM, fit queue for eval")
+@register_norm("mixture", "mixture normalization (Kalayeh & Shah): per-batch diagonal GMM, fit queue for eval")
 class MixtureNorm(nn.Module):
-    r"""Mixture Normalization (000 Sec. 3.2) for ``(N, C)`` and ``(N, C, *)`` input.
+    r"""Mixture Normalization (Kalayeh & Shah, Sec. 3.2) for ``(N, C)`` and ``(N, C, *)`` input.
 
     Training: fit a K-component diagonal GMM to the batch's points (k-means++ seeding, k-means,
     EM; ``em_iters`` is their total, split equally), prune components with λ < ``min_weight``,
@@ -629,13 +629,13 @@ class MixtureNorm(nn.Module):
     Args:
         num_features: C.
         k: number of mixture components K (K = 1 is batch normalization).
-        em_iters: k-means + EM iterations in total (000 Tables 2, 4 "EM iter.").
+        em_iters: k-means + EM iterations in total (Kalayeh & Shah, Tables 2, 4 "EM iter.").
         eps: ε of Eq. 35, also the variance floor of the fit.
         affine: learnable per-channel γ (init 1), β (init 0).
-        queue_size: T, fits kept for inference (000: 10).
-        queue_decay: ζ of Eq. 39 (000: 0.9), in [0, 1].
-        min_weight: prune components with fitted λ below this (000 Sec. 5.3: 0.01), in [0, 1).
-        sample_fraction: fit on this random fraction of the points (000 Sec. 5.1), in (0, 1].
+        queue_size: T, fits kept for inference (Kalayeh & Shah: 10).
+        queue_decay: ζ of Eq. 39 (Kalayeh & Shah: 0.9), in [0, 1].
+        min_weight: prune components with fitted λ below this (Kalayeh & Shah, Sec. 5.3: 0.01), in [0, 1).
+        sample_fraction: fit on this random fraction of the points (Kalayeh & Shah, Sec. 5.1), in (0, 1].
         activation: None or ``"relu"`` (fused, Eq. 40).
         inference: ``"consistent"`` (default) or ``"literal"`` reading of Eq. 38.
         init: ``"kmeans++"`` (default, the paper: fresh k-means++ seeds every batch) or ``"warm"``
@@ -835,7 +835,7 @@ class MixtureNorm(nn.Module):
 
     @property
     def effective_components(self) -> Tensor:
-        """Components used in the latest training step (000 Sec. 5.3, Fig. 9); a 0-d tensor."""
+        """Components used in the latest training step (Kalayeh & Shah, Sec. 5.3, Fig. 9); a 0-d tensor."""
         return self.last_num_components
 
     def extra_repr(self) -> str:

@@ -1,8 +1,8 @@
-r"""Mode Normalization and Mode Group Normalization (001 Sec. 3.2–3.3, Alg. 1–3, Eq. 2–5).
+r"""Mode Normalization and Mode Group Normalization (Deecke et al., Sec. 3.2–3.3, Alg. 1–3, Eq. 2–5).
 
 **Mode Normalization** (``ModeNorm``, registry ``mode``). Each sample :math:`x_n` is softly
 assigned to K modes by a gate computed from its spatially averaged features
-:math:`\varphi(x_n) = \langle x_n\rangle` (001 Sec. 3.2, "we average over W and H"):
+:math:`\varphi(x_n) = \langle x_n\rangle` (Deecke et al., Sec. 3.2, "we average over W and H"):
 
 .. math::  g_{nk} = \operatorname{softmax}_k\big(\Psi(\varphi(x_n))\big)_k ,
            \qquad \Psi:\ \mathbb R^C \to \mathbb R^K \text{ affine (an ``nn.Linear`` named ``gate``)}.
@@ -298,7 +298,7 @@ def _gated_affine(
 
 
 def mode_gates(means: Tensor, gate_weight: Tensor, gate_bias: Tensor | None = None) -> Tensor:
-    """ModeNorm gates :math:`g_{nk} = \\mathrm{softmax}_k(\\Psi(\\varphi(x_n)))` (001 Sec. 3.2).
+    """ModeNorm gates :math:`g_{nk} = \\mathrm{softmax}_k(\\Psi(\\varphi(x_n)))` (Deecke et al., Sec. 3.2).
 
     ``means`` are the per-sample spatial means ``(N, C)`` (see :func:`spatial_moments`);
     ``gate_weight`` is ``(K, C)`` and ``gate_bias`` ``(K,)`` (an ``nn.Linear(C, K)``). Returns
@@ -323,7 +323,7 @@ def batch_center(means: Tensor) -> Tensor:
 def mode_norm_statistics(
     means: Tensor, variances: Tensor | None, gates: Tensor, center: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gate-weighted batch statistics of ModeNorm (001 Alg. 1, Eq. 3).
+    """Gate-weighted batch statistics of ModeNorm (Deecke et al., Alg. 1, Eq. 3).
 
     Args:
         means: per-sample spatial means ⟨x_n⟩, ``(N, C)``.
@@ -597,7 +597,7 @@ def mode_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Functional Mode Normalization (001 Eq. 2–4, Alg. 1–2).
+    r"""Functional Mode Normalization (Deecke et al., Eq. 2–4, Alg. 1–2).
 
     Training (``training=True``): gate-weighted batch statistics (Eq. 3); if ``running_mean`` and
     ``running_sqmean`` (both ``(K, C)``) are given they are updated in place with
@@ -685,7 +685,7 @@ def mode_group_norm(
     eps: float = 1e-5,
     combine: Combine = "mean",
 ) -> Tensor:
-    r"""Functional Mode Group Normalization (001 Sec. 3.3, Alg. 3, Eq. 5).
+    r"""Functional Mode Group Normalization (Deecke et al., Sec. 3.3, Alg. 3, Eq. 5).
 
     Per sample n and mode k (channels c softly assigned by :func:`mode_group_gates`):
     C_k = Σ_c g_ck, μ_k = Σ_c g_ck ⟨x_c⟩ / C_k, σ²_k = Σ_c g_ck ⟨(x_c − μ_k)²⟩ / C_k. Then
@@ -969,14 +969,14 @@ def _mode_group_norm_2d(
 
 
 def _init_gate(gate: nn.Linear, k: int) -> None:
-    """Gate init of 001's reference code: weights 1/K + 0.01·N(0, 1) (near-uniform gates)."""
+    """Gate init of Deecke et al.'s reference code: weights 1/K + 0.01·N(0, 1) (near-uniform gates)."""
     with torch.no_grad():
         gate.weight.normal_(0.0, 1.0).mul_(0.01).add_(1.0 / k)
 
 
 @register_norm("mode", "mode normalization: K gated modes with per-mode batch statistics")
 class ModeNorm(nn.Module):
-    r"""Mode Normalization (001 Sec. 3.2, Alg. 1–2, Eq. 2–4).
+    r"""Mode Normalization (Deecke et al., Sec. 3.2, Alg. 1–2, Eq. 2–4).
 
     ``y_n = α Σ_k g_nk (x_n − μ_k)/sqrt(σ²_k + ε) + β`` with per-sample gates
     ``g_n = softmax(gate(⟨x_n⟩))`` and gate-weighted batch statistics (see the module docstring
@@ -989,7 +989,7 @@ class ModeNorm(nn.Module):
             (the paper's λ = 0.1 is ``momentum=0.1``).
         eps: added to σ²_k.
         affine: learn per-channel α (init 1) and β (init 0). The paper shares one affine across
-            modes (001 footnote 3).
+            modes (Deecke et al., footnote 3).
 
     Attributes:
         gate: ``nn.Linear(C, K)`` — Ψ; weights initialised to 1/K + 0.01·N(0, 1), bias as
@@ -1074,7 +1074,7 @@ class ModeNorm(nn.Module):
 
 @register_norm("mgn", "mode group normalization: channels gated into K modes within each sample")
 class ModeGroupNorm(nn.Module):
-    r"""Mode Group Normalization (001 Sec. 3.3, Alg. 3, Eq. 5).
+    r"""Mode Group Normalization (Deecke et al., Sec. 3.3, Alg. 3, Eq. 5).
 
     Within each sample, channel c goes to mode k with gate ``g_ck = softmax_k(gate(⟨x_c⟩))``
     (``gate`` = ψ: ℝ → ℝ^K, shared by all channels); per sample and mode, μ_k and σ²_k are

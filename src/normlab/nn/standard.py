@@ -30,7 +30,7 @@ __all__ = [
 
 
 def default_num_groups(num_channels: int) -> int:
-    """Default group count: ``min(32, C // 4)`` (004 Sec. 8.2), at least 1; when that does not
+    """Default group count: ``min(32, C // 4)`` (Qiao et al., Sec. 8.2), at least 1; when that does not
     divide C, the largest divisor of C below it (so every channel count gets a valid default)."""
     g = max(1, min(32, num_channels // 4))
     while num_channels % g:

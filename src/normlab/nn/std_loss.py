@@ -1,8 +1,8 @@
-r"""The standardization loss (003 Sec. 3, Eq. 2).
+r"""The standardization loss (Collins et al., Sec. 3, Eq. 2).
 
 For the pre-activation ``x`` of a layer, with per-channel mean μ_i and variance σ²_i taken over the
-batch (and spatial) dimensions — "the same way they are calculated in BN" (003 Sec. 3) — the loss is
-the KL divergence of the Gaussian fit to ``x`` from N(0, I) (003 Eq. 2):
+batch (and spatial) dimensions — "the same way they are calculated in BN" (Collins et al., Sec. 3) — the loss is
+the KL divergence of the Gaussian fit to ``x`` from N(0, I) (Collins et al., Eq. 2):
 
 .. math::  L = \tfrac12 \sum_i \bigl(\mu_i^2 + \sigma_i^2 - \log \sigma_i^2 - 1\bigr),
 
@@ -16,7 +16,7 @@ Choices:
   log term) and a finite gradient, and the gradient keeps pushing a tiny variance up (a clamp would
   zero it).
 * Statistics are computed in float32 (float64 input stays float64) with a two-pass
-  ``torch.var_mean``, accurate even when |μ| ≫ σ. By default they are per process — like 003
+  ``torch.var_mean``, accurate even when |μ| ≫ σ. By default they are per process — like Collins et al.
   App. A.6, where "statistical moments are calculated independently for each core".
 * Synchronised (issue 9, :meth:`StandardizationLoss.sync` or ``normlab.sync_stats(model,
   std_loss=...)``): in training the moments are those of all processes' samples
@@ -107,7 +107,7 @@ def synced_standardization_moments(
 
 
 def standardization_loss(x: Tensor, channel_dim: int = 1, eps: float = 1e-8) -> Tensor:
-    """003 Eq. 2 for one pre-activation tensor: ½ Σ_i (μ_i² + σ_i² − log(σ_i² + eps) − 1).
+    """Collins et al., Eq. 2 for one pre-activation tensor: ½ Σ_i (μ_i² + σ_i² − log(σ_i² + eps) − 1).
 
     Statistics over all dimensions but ``channel_dim`` (batch and spatial). Returns a scalar
     (float32, or float64 for float64 input) with gradient to ``x``.
@@ -185,7 +185,7 @@ def _explicit_selection(model: nn.Module, modules: ModuleSelection) -> list[str]
 
 
 class StandardizationLoss:
-    """Accumulates the standardization loss (003 Eq. 2) of a model's pre-activations via hooks.
+    """Accumulates the standardization loss (Collins et al., Eq. 2) of a model's pre-activations via hooks.
 
     Args:
         model: the network.
@@ -194,10 +194,10 @@ class StandardizationLoss:
             ``nn.Linear`` in module order (the classifier's logits are not a pre-activation).
             Otherwise a module, a qualified name, a glob pattern (matched against the Conv/Linear
             layers' qualified names, as in :func:`normlab.convert`), or a list of those.
-        weight: multiplies the total (003 uses 1.0 on MNIST down to 1e-6 on ResNet-50).
+        weight: multiplies the total (Collins et al. use 1.0 on MNIST down to 1e-6 on ResNet-50).
         eps: ``log σ²`` is taken as ``log(σ² + eps)``.
 
-    Multi-process training: by default the moments are per process (003 App. A.6);
+    Multi-process training: by default the moments are per process (Collins et al., App. A.6);
     :meth:`sync` makes them global (see the module docstring for the gradient under DDP).
 
     Each forward of a hooked module *in training mode* adds its layer's Eq. 2 value to an
@@ -292,7 +292,7 @@ class StandardizationLoss:
         return self
 
     def unsync(self) -> StandardizationLoss:
-        """Back to per-process moments (003 App. A.6). Returns ``self``."""
+        """Back to per-process moments (Collins et al., App. A.6). Returns ``self``."""
         self._synced = False
         self._process_group = None
         return self

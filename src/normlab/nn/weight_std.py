@@ -1,4 +1,4 @@
-r"""Weight Standardization (004 Sec. 4.1, Eq. 5–7).
+r"""Weight Standardization (Qiao et al., Sec. 4.1, Eq. 5–7).
 
 Each output channel's fan-in (``C_in / groups × kernel`` weights, I values) is reparameterized as
 
@@ -6,10 +6,10 @@ Each output channel's fan-in (``C_in / groups × kernel`` weights, I values) is 
            \sigma_{W_{i,\cdot}} = \sqrt{\tfrac1I \textstyle\sum_j W_{i,j}^2 - \mu_{W_{i,\cdot}}^2 + \epsilon}
 
 (population variance, ε inside the square root, Eq. 7) and the layer convolves with :math:`\hat W`.
-There is no affine transform of the weights (004 Sec. 4.1); the bias is kept as in the torch layer.
+There is no affine transform of the weights (Qiao et al., Sec. 4.1); the bias is kept as in the torch layer.
 Gradients flow to the raw weights W through the standardization, which is what gives Eq. 14–15.
 
-``center`` / ``scale`` give the ablation of 004 Table 4: ``center=False`` skips the subtraction of
+``center`` / ``scale`` give the ablation of Qiao et al., Table 4: ``center=False`` skips the subtraction of
 the mean ("/ div" only); ``scale=False`` skips the division ("− mean" only, Eq. 11). With
 ``center=False`` the divisor is still σ of Eq. 7 (the standard deviation, not the root mean square),
 so "divide only" gives unit variance without centering — each flag does exactly its own part.

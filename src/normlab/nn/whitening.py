@@ -1,16 +1,16 @@
-r"""Whitening normalizations: Iterative Normalization and Decorrelated Batch Normalization (002 Sec. 3).
+r"""Whitening normalizations: Iterative Normalization and Decorrelated Batch Normalization (Huang et al., Sec. 3).
 
 Both layers *whiten* groups of channels over the mini-batch instead of only standardizing each
 channel. The channels are split into groups of ``d = group_size`` consecutive channels (the last
 group is smaller when ``d`` does not divide C); every spatial position of every sample is one
-observation (002 Sec. 3.3, "Convolutional Layer"), so a group's data matrix is
-:math:`X \in \mathbb{R}^{d\times m}`, ``m = N·H·W``. Per group (002 Alg. 1):
+observation (Huang et al., Sec. 3.3, "Convolutional Layer"), so a group's data matrix is
+:math:`X \in \mathbb{R}^{d\times m}`, ``m = N·H·W``. Per group (Huang et al., Alg. 1):
 
 .. math::
     \mu = \tfrac1m X\mathbf 1,\qquad X_C = X - \mu\mathbf 1^T,\qquad
     \Sigma = \tfrac1m X_C X_C^T + \epsilon I,\qquad \hat X = \Sigma^{-1/2} X_C
 
-then the per-channel affine ``y = γ ⊙ x̂ + β`` (002 Sec. 3.3, footnote 1). The two layers differ only
+then the per-channel affine ``y = γ ⊙ x̂ + β`` (Huang et al., Sec. 3.3, footnote 1). The two layers differ only
 in how :math:`\Sigma^{-1/2}` is obtained:
 
 * **IterNorm** (:class:`IterNorm`): trace-normalize, :math:`\Sigma_N = \Sigma/\operatorname{tr}\Sigma`
@@ -180,7 +180,7 @@ def group_layout(num_features: int, group_size: int) -> GroupLayout:
 
 
 def newton_inverse_sqrt(a: Tensor, iters: int, max_abs: Tensor | None = None) -> Tensor:
-    r"""Newton's iteration for :math:`A^{-1/2}` (002 Eq. 3), batched over leading dimensions.
+    r"""Newton's iteration for :math:`A^{-1/2}` (Huang et al., Eq. 3), batched over leading dimensions.
 
     Computes :math:`P_T` of :math:`P_0 = I,\ P_k = \tfrac12(3P_{k-1} - P_{k-1}^3 A)`, k = 1..T, which
     converges when :math:`\|A - I\|_2 < 1` (e.g. a trace-normalized covariance, Eq. 4).
@@ -317,7 +317,7 @@ _GUARD_AFTER = 10
 
 
 def iternorm_whitening_matrix(sigma: Tensor, iters: int, eps: float | None = None) -> Tensor:
-    r"""IterNorm's approximation of :math:`\Sigma^{-1/2}` (002 Eq. 3–5).
+    r"""IterNorm's approximation of :math:`\Sigma^{-1/2}` (Huang et al., Eq. 3–5).
 
     :math:`\Sigma_N = \Sigma/\operatorname{tr}\Sigma`, T Newton steps, then
     :math:`P_T/\sqrt{\operatorname{tr}\Sigma}`. Differentiable, including through the trace.
@@ -366,7 +366,7 @@ class _ZCAInvSqrt(torch.autograd.Function):
 def zca_whitening_matrix(
     sigma: Tensor, min_eigenvalue: float = 1e-5, return_eigenvalues: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
-    r"""ZCA whitening matrix :math:`D\Lambda^{-1/2}D^T` of a symmetric ``sigma`` (002 Eq. 2).
+    r"""ZCA whitening matrix :math:`D\Lambda^{-1/2}D^T` of a symmetric ``sigma`` (Huang et al., Eq. 2).
 
     The eigendecomposition runs in float64; eigenvalues below ``min_eigenvalue`` are clamped to it
     (the documented fallback for singular / ill-conditioned input; DBN passes its ε, below which the
@@ -768,7 +768,7 @@ def iterative_normalization(
     momentum: float = 0.1,
     stat_dtype: str | torch.dtype | None = None,
 ) -> Tensor:
-    """Functional IterNorm (002 Alg. 1, Eq. 3–5, 8); see :class:`IterNorm`.
+    """Functional IterNorm (Huang et al., Alg. 1, Eq. 3–5, 8); see :class:`IterNorm`.
 
     In training mode, ``running_mean`` (C,) and ``running_wm`` (num_groups, d, d), when given, are
     updated in place; with ``training=False`` they are used instead of batch statistics.
@@ -797,7 +797,7 @@ def decorrelated_batch_norm(
     stat_dtype: str | torch.dtype | None = None,
     max_condition: float | None = None,
 ) -> Tensor:
-    """Functional DBN (ZCA whitening, 002 Eq. 2; running statistics as Eq. 8); see :class:`DBN`."""
+    """Functional DBN (ZCA whitening, Huang et al., Eq. 2; running statistics as Eq. 8); see :class:`DBN`."""
     _check_functional_args(x, group_size, eps, momentum, "decorrelated_batch_norm")
     layout = group_layout(x.shape[1], group_size)
     fn = _dbn_matrix_fn(layout, eps, max_condition)
@@ -847,7 +847,7 @@ class _Whitening(nn.Module, abc.ABC):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        """running_mean ← 0, running_wm ← I (002 Sec. 3.3)."""
+        """running_mean ← 0, running_wm ← I (Huang et al., Sec. 3.3)."""
         self.running_mean.zero_()
         eye = torch.eye(self.group_size, dtype=self.running_wm.dtype, device=self.running_wm.device)
         self.running_wm.copy_(eye.expand_as(self.running_wm))
@@ -890,7 +890,7 @@ class _Whitening(nn.Module, abc.ABC):
     @torch.no_grad()
     def fold(self, kind: str | None = None) -> nn.Module:
         """Eval-mode layer as an equivalent ``nn.Linear`` / ``nn.Conv1d/2d/3d`` with 1 × 1 kernel
-        (002 Sec. 3.3): weight ``diag(γ)·Σ̂^{-1/2}``, bias ``β − diag(γ)·Σ̂^{-1/2}·μ̂``.
+        (Huang et al., Sec. 3.3): weight ``diag(γ)·Σ̂^{-1/2}``, bias ``β − diag(γ)·Σ̂^{-1/2}·μ̂``.
 
         ``kind`` is ``"linear"`` (for (N, C) input), ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``; by
         default it follows the rank of the last input this layer saw (ValueError if it saw none).
@@ -947,9 +947,9 @@ class _Whitening(nn.Module, abc.ABC):
         return s
 
 
-@register_norm("iternorm", "Iterative Normalization: group whitening by Newton's iteration (002)")
+@register_norm("iternorm", "Iterative Normalization: group whitening by Newton's iteration (Huang et al.)")
 class IterNorm(_Whitening):
-    r"""Iterative Normalization (002 Sec. 3, Algorithm 1; module docstring has the math).
+    r"""Iterative Normalization (Huang et al., Sec. 3, Algorithm 1; module docstring has the math).
 
     Per group of ``group_size`` channels, over all N·H·W positions: centre, Σ = XcXcᵀ/m + εI,
     :math:`\Sigma^{-1/2} \approx P_T/\sqrt{\operatorname{tr}\Sigma}` from ``iters`` = T Newton steps
@@ -997,7 +997,7 @@ class IterNorm(_Whitening):
 
 @register_norm("dbn", "Decorrelated Batch Normalization: group ZCA whitening by eigendecomposition")
 class DBN(_Whitening):
-    r"""Decorrelated Batch Normalization: group-wise ZCA whitening (002 Eq. 2).
+    r"""Decorrelated Batch Normalization: group-wise ZCA whitening (Huang et al., Eq. 2).
 
     Like :class:`IterNorm` (same grouping, running statistics, affine and :meth:`fold`) but
     :math:`\Sigma^{-1/2} = D\Lambda^{-1/2}D^T` from a float64 symmetric eigendecomposition, with the

@@ -4,8 +4,8 @@
 
     from normlab.experiments import run_experiment
     from normlab.report import write_report
-    suite = run_experiment("003_fig1_3_mnist", scale="small", out="runs/003")
-    write_report("runs/003", out="results/003_fig1_3_mnist")   # report.md + PNGs + results.json
+    suite = run_experiment("stdloss_mnist", scale="small", out="runs/stdloss_mnist")
+    write_report("runs/stdloss_mnist", out="results/stdloss_mnist")   # report.md + PNGs + results.json
 
 * :mod:`~normlab.report.report` — :func:`write_report` (the Markdown report);
 * :mod:`~normlab.report.metrics` — loading a run directory, the metric vocabulary of the tables

@@ -12,16 +12,16 @@ figure paths)``.
 
 Runners:
 
-``snd_conditioning`` (002 Sec. 4, Fig. 4–5)
+``snd_conditioning`` (Huang et al., Sec. 4, Fig. 4–5)
     For each *sweep* (over the feature dimension d or the batch size B) and each point, draws a
     pool of ``pool`` examples from a d-dimensional Gaussian and measures, for the variant's
     normalization (``norm``, a registry spec in which ``{dim}`` and ``{batch_size}`` are
     substituted, e.g. ``"dbn(group_size={dim})"`` for full whitening),
 
-    * the SND (002 Eq. 9–10) with :func:`normlab.analysis.snd`: ``num_samples`` examples x, each
+    * the SND (Huang et al., Eq. 9–10) with :func:`normlab.analysis.snd`: ``num_samples`` examples x, each
       normalized in ``num_draws`` random mini-batches of size B;
     * the condition number of the covariance of the normalized output over a mini-batch,
-      averaged over ``num_batches`` mini-batches (002 Fig. 4a:
+      averaged over ``num_batches`` mini-batches (Huang et al., Fig. 4a:
       :func:`normlab.analysis.normalized_condition_number`).
 
     ``data = "gaussian"`` is the standard normal N(0, I) ("we sample 60,000 examples from Gaussian
@@ -29,12 +29,12 @@ Runners:
     conditioned, so every condition number above 1 is the finite-batch effect the figure is
     about); ``data = "correlated"`` uses x = z A with a seeded Gaussian A/√d instead.
 
-``cost`` (000 Sec. 5.1, Table 7)
+``cost`` (Kalayeh & Shah, Sec. 5.1, Table 7)
     Iterations per second of a whole network (forward, backward, SGD step) with one normalization
     layer replaced, against the same network with batch normalization, timed alternately in the
     same process (the median of the per-pair ratios, as DESIGN.md asks for noisy machines).
 
-``gan`` (000 Sec. 4.5, Fig. 6)
+``gan`` (Kalayeh & Shah, Sec. 4.5, Fig. 6)
     Trains the DCGAN generator/discriminator pair with Adam and the non-saturating GAN loss,
     logging both losses and — **only if the user supplies an Inception network** (``fid_features``:
     a TorchScript file, or ``"module:function"`` returning a callable that maps images in [−1, 1]
@@ -83,7 +83,7 @@ def _check_specs(params: Mapping[str, Any], keys: tuple[str, ...], where: str) -
 
 
 # ----------------------------------------------------------------------------------------------
-# 002 Fig. 4-5: SND and conditioning
+# Huang et al., Fig. 4-5: SND and conditioning
 
 
 def gaussian_pool(n: int, dim: int, seed: int, kind: str = "gaussian") -> torch.Tensor:
@@ -131,7 +131,7 @@ def _variant_sweeps(params: Mapping[str, Any], name: str) -> list[dict[str, Any]
     return chosen
 
 
-@register_analysis("snd_conditioning", "002 Fig. 4-5: SND and output conditioning of a norm")
+@register_analysis("snd_conditioning", "Huang et al., Fig. 4-5: SND and output conditioning of a norm")
 class SNDConditioning:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:
@@ -356,10 +356,10 @@ REPORTS["snd_conditioning"] = _snd_report
 
 
 # ----------------------------------------------------------------------------------------------
-# 000 Table 7: computation cost
+# Kalayeh & Shah, Table 7: computation cost
 
 
-@register_analysis("cost", "000 Table 7: iterations/s of a network with one norm replaced, vs BN")
+@register_analysis("cost", "Kalayeh & Shah, Table 7: iterations/s of a network with one norm replaced, vs BN")
 class Cost:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:
@@ -530,7 +530,7 @@ REPORTS["cost"] = _cost_report
 
 
 # ----------------------------------------------------------------------------------------------
-# 000 Sec. 4.5: DCGAN
+# Kalayeh & Shah, Sec. 4.5: DCGAN
 
 
 def load_feature_fn(spec: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -581,7 +581,7 @@ def _stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, fc.t() @ fc / max(f.shape[0] - 1, 1)
 
 
-@register_analysis("gan", "000 Sec. 4.5: DCGAN with BN or MN in the generator; FID if supplied")
+@register_analysis("gan", "Kalayeh & Shah, Sec. 4.5: DCGAN with BN or MN in the generator; FID if supplied")
 class GAN:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:

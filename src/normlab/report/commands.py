@@ -3,9 +3,9 @@
 ::
 
     normlab run --list                                        # the experiments and their titles
-    normlab run 000_cifar_cnn --scale small [--seeds 2] [--device cpu] [--out runs/x]
+    normlab run mixture_cifar_cnn --scale small [--seeds 2] [--device cpu] [--out runs/x]
                 [--variants 'c100-*'] [--set train.epochs=3] [--overwrite] [--no-report]
-    normlab report runs/000_cifar_cnn-small [--out results/000_cifar_cnn]
+    normlab report runs/mixture_cifar_cnn-small [--out results/mixture_cifar_cnn]
 
 ``run`` runs every variant × seed of the experiment at the scale, skipping finished runs (so an
 interrupted sweep continues where it stopped), then writes the report. ``report`` (re)writes
@@ -92,7 +92,7 @@ def add_commands(subparsers: Any) -> None:
         "run",
         help="run every variant and seed of an experiment (skips finished runs), then report",
         description="Run an experiment of experiments/ (a file path or a name such as "
-        "000_cifar_cnn). Finished runs are skipped and unfinished ones resumed, so running the "
+        "mixture_cifar_cnn). Finished runs are skipped and unfinished ones resumed, so running the "
         "same command again continues an interrupted sweep.",
     )
     p.add_argument("experiment", nargs="?", help="experiment name or path to its TOML file")

@@ -3,20 +3,20 @@
 A metric is named ``"name"`` or ``"name:arg"``:
 
 ============================  ===================================================================
-``best_acc`` / ``best_error``  maximum test accuracy (%) over training / 100 − it (001 "top
-                               performances", 002/004 tables report final errors instead)
+``best_acc`` / ``best_error``  maximum test accuracy (%) over training / 100 − it (Deecke et al. "top
+                               performances", Huang et al. and Qiao et al. tables report final errors instead)
 ``final_acc`` / ``final_error``  test accuracy / error (%) at the last evaluation
 ``best_acc_after:F``          maximum test accuracy (%) over the evaluations at step ≤ F × total
-                              steps (000 Tables 2, 4: "maximum test accuracy after 25 % … epochs")
+                              steps (Kalayeh & Shah, Tables 2, 4: "maximum test accuracy after 25 % … epochs")
 ``steps_to:REF``              optimizer steps until the run first reaches the maximum test accuracy
-                              of variant REF with the same seed (000 Tables 3, 5, 6); REF is a
+                              of variant REF with the same seed (Kalayeh & Shah, Tables 3, 5, 6); REF is a
                               label looked up in the run's group first, or a variant name;
                               ``inf`` when never reached
 ``reduction:REF``             100 · (1 − steps_to:REF / REF's steps to its own maximum): "reduces
-                              the number of training steps by ~31 %" (000 Sec. 4.2)
-``speedup:REF``               REF's steps to its maximum / steps_to:REF (003 Table 1, Fig. 5)
+                              the number of training steps by ~31 %" (Kalayeh & Shah, Sec. 4.2)
+``speedup:REF``               REF's steps to its maximum / steps_to:REF (Collins et al., Table 1, Fig. 5)
 ``final_train_loss``, ``final_test_loss``, ``time_per_step`` (ms), ``params``
-``statdiff_final``            mean StatDiff over layers at the last record (004 Fig. 6)
+``statdiff_final``            mean StatDiff over layers at the last record (Qiao et al., Fig. 6)
 ============================  ===================================================================
 
 Aggregation over seeds: mean ± sample standard deviation (ddof = 1) of the finite per-seed values;

@@ -1,12 +1,12 @@
 """The report's figures (PNG, matplotlib's Agg renderer, no ``pyplot`` state).
 
 * :func:`plot_curves` — test error (solid) and optionally training error (dashed) against epochs
-  or steps, one panel per table group, mean over seeds with ±1 std shading (000 Fig. 2, 002
+  or steps, one panel per table group, mean over seeds with ±1 std shading (Kalayeh & Shah, Fig. 2, Huang et al.
   Fig. 6–8). With two or more seeds the band is the spread over seeds; with one seed it is the
-  standard deviation within a trailing window of ``window`` evaluations, which is what 000 Fig. 2
+  standard deviation within a trailing window of ``window`` evaluations, which is what Kalayeh & Shah, Fig. 2
   shows ("one standard deviation computed within a window of 10 epochs").
-* :func:`plot_losses` — cross-entropy of training (circles) and test (squares) data (003 Fig. 1).
-* StatDiff (004 Fig. 6), GMM fits (000 Fig. 1) and percentiles (003 Fig. 4) reuse the plotting
+* :func:`plot_losses` — cross-entropy of training (circles) and test (squares) data (Collins et al., Fig. 1).
+* StatDiff (Qiao et al., Fig. 6), GMM fits (Kalayeh & Shah, Fig. 1) and percentiles (Collins et al., Fig. 4) reuse the plotting
   functions of :mod:`normlab.analysis` on what the collectors recorded.
 """
 
@@ -138,7 +138,7 @@ def plot_curves(
 
 
 def plot_losses(data: SuiteData, out_dir: Path, x: str = "step", window: int = 10) -> list[Path]:
-    """003 Fig. 1 (top): cross-entropy of train (circles) and test (squares), mean ± std over
+    """Collins et al., Fig. 1 (top): cross-entropy of train (circles) and test (squares), mean ± std over
     seeds, one PNG per group ``losses_<group>.png``."""
     from normlab.analysis._plot import new_figure, save_figure
 
@@ -173,7 +173,7 @@ def plot_losses(data: SuiteData, out_dir: Path, x: str = "step", window: int = 1
 
 
 def plot_statdiff(data: SuiteData, out_dir: Path, x: str = "step") -> Path | None:
-    """004 Fig. 6: StatDiff mean ± std over layers against training, one curve per variant
+    """Qiao et al., Fig. 6: StatDiff mean ± std over layers against training, one curve per variant
     (averaged over seeds)."""
     from normlab.analysis.statdiff import plot_stat_diff
 
@@ -205,7 +205,7 @@ def plot_statdiff(data: SuiteData, out_dir: Path, x: str = "step") -> Path | Non
 
 
 def plot_gmm(run: RunData, out_dir: Path, ks: Sequence[int] = (1, 2, 3)) -> Path | None:
-    """000 Fig. 1: mixture fits (K = 1, 2, 3) of the activations snapshot of one run."""
+    """Kalayeh & Shah, Fig. 1: mixture fits (K = 1, 2, 3) of the activations snapshot of one run."""
     import torch
 
     from normlab.analysis.activations import plot_activation_gmms
@@ -221,7 +221,7 @@ def plot_gmm(run: RunData, out_dir: Path, ks: Sequence[int] = (1, 2, 3)) -> Path
 
 
 def plot_percentile_runs(data: SuiteData, out_dir: Path) -> Path | None:
-    """003 Fig. 4: activation percentiles over training, one panel per variant (seed 0)."""
+    """Collins et al., Fig. 4: activation percentiles over training, one panel per variant (seed 0)."""
     from normlab.analysis.activations import plot_percentiles
 
     runs = {}

@@ -298,7 +298,7 @@ def _train_lookup(
 ) -> Callable[[dict[str, Any], Any], list[tuple[Any, float | None]]]:
     """Claim values: a variant's mean over seeds; a glob (``"fb-IterNorm-*"``) takes the best of
     the matching variants (``pick = "min"``/``"max"``; default: min for errors, losses, steps and
-    StatDiff, max otherwise) — e.g. 002 Fig. 3 reports each method at its best learning rate."""
+    StatDiff, max otherwise) — e.g. Huang et al., Fig. 3 reports each method at its best learning rate."""
 
     def value(name: str, metric: str) -> float | None:
         if name not in data.runs:
@@ -414,7 +414,7 @@ def _train_plots(data: SuiteData, out: Path) -> list[Path]:
 
 
 def _speedup_plots(data: SuiteData, out: Path, spec: dict[str, Any]) -> list[Path]:
-    """003 Fig. 5: speed-up over the baseline across training (seed 0 of each variant)."""
+    """Collins et al., Fig. 5: speed-up over the baseline across training (seed 0 of each variant)."""
     from normlab.analysis.curves import plot_speedup
     from normlab.report.plots import safe_name
 

@@ -93,7 +93,7 @@ class ModelConfig:
     The model is built with ``norm`` in every slot when ``include == "*"`` and ``exclude`` is
     empty; otherwise it is built with ``base_norm`` and then ``normlab.convert(model, norm,
     include=include, exclude=exclude)`` swaps the matching slots (e.g. ``include = "conv3.*"`` for
-    000's "MN at conv3 only").
+    Kalayeh & Shah's "MN at conv3 only").
     """
 
     name: str = field(
@@ -120,7 +120,7 @@ class ModelConfig:
         ),
     )
     std_loss_weight: float = field(
-        default=0.0, metadata=_meta("weight of the standardization loss (003); 0 = off", ge=0.0)
+        default=0.0, metadata=_meta("weight of the standardization loss (Collins et al.); 0 = off", ge=0.0)
     )
     std_loss_include: str | list = field(
         default="",
@@ -170,13 +170,13 @@ class ScheduleConfig:
     """Learning-rate schedule, a pure function of the optimizer-step counter.
 
     * ``constant``: lr.
-    * ``exp``: lr · gamma^⌊epoch / every_epochs⌋ (000: gamma = 0.93 every 2 or 4 epochs);
+    * ``exp``: lr · gamma^⌊epoch / every_epochs⌋ (Kalayeh & Shah: gamma = 0.93 every 2 or 4 epochs);
       ``staircase = false`` makes the exponent continuous.
     * ``step``: lr · gamma^(number of milestones passed); ``milestones`` are fractions of training
-      (``milestone_unit = "fraction"``, 000's (0.5, 0.75) and (0.3, 0.6, 0.8)), epochs or steps.
+      (``milestone_unit = "fraction"``, Kalayeh & Shah's (0.5, 0.75) and (0.3, 0.6, 0.8)), epochs or steps.
     * ``cosine``: lr · (min_factor + (1 - min_factor) · ½(1 + cos(π t / T))).
 
-    A linear warm-up (003 ResNet-50) multiplies the above by ``warmup_start + (1 - warmup_start)
+    A linear warm-up (Collins et al. ResNet-50) multiplies the above by ``warmup_start + (1 - warmup_start)
     · t / W`` for the first ``W`` steps (``warmup_epochs`` or ``warmup_steps``).
     """
 
@@ -233,7 +233,7 @@ class TrainConfig:
     accum_steps: int = field(
         default=1,
         metadata=_meta(
-            "gradient accumulation: micro-batches averaged per optimizer step ('iteration size', 004 Sec. 8.1.3)",
+            "gradient accumulation: micro-batches averaged per optimizer step ('iteration size', Qiao et al., Sec. 8.1.3)",
             ge=1,
         ),
     )

@@ -13,9 +13,9 @@ A run directory holds::
 Data live on the training device as tensors; each epoch's order is a permutation drawn from a
 seeded ``torch.Generator`` (the same generator drives augmentation), so no DataLoader is needed.
 A step is one optimizer update: ``train.accum_steps`` micro-batches of ``train.batch_size`` whose
-gradients are averaged (004 Sec. 8.1.3 "iteration size"). The learning rate is set from the
+gradients are averaged (Qiao et al., Sec. 8.1.3 "iteration size"). The learning rate is set from the
 schedule before every step and, when the model has :class:`~normlab.nn.batch_channel.BCNorm`
-layers, their micro-batch rate is set to it (004 Sec. 7.2.2: r = the learning rate).
+layers, their micro-batch rate is set to it (Qiao et al., Sec. 7.2.2: r = the learning rate).
 
 Resuming restores the model, optimizer (learning rates included), AMP scaler, the step/epoch
 counters and the position within the epoch, the epoch's permutation, the running train-metric sums,

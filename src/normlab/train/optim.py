@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules used in the papers.
 
-* SGD with momentum / Nesterov and weight decay (001, 002, 004; 000 Inception/DenseNet with NAG).
-* RMSprop with momentum (000: momentum 0.9, lr decayed by 0.93 every 2 or 4 epochs; 003).
-* Adam (003 PointNet) and AdamW.
+* SGD with momentum / Nesterov and weight decay (Deecke et al., Huang et al., Qiao et al.; Kalayeh & Shah Inception/DenseNet with NAG).
+* RMSprop with momentum (Kalayeh & Shah: momentum 0.9, lr decayed by 0.93 every 2 or 4 epochs; Collins et al.).
+* Adam (Collins et al. PointNet) and AdamW.
 
 The schedule is a pure function of the optimizer-step counter (:class:`LRSchedule`), so a resumed
 run only needs the counter to be back on the same learning rate — there is no hidden scheduler state.

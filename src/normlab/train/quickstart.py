@@ -3,7 +3,7 @@
 Trains :func:`normlab.models.small_cnn` on scikit-learn's 8×8 digits with each normalization
 method and several seeds, all with the same optimizer, schedule and budget, then prints a table —
 final and best test accuracy (mean ± std over seeds), the number of steps each method needs to
-reach the BN model's best accuracy (000 Tables 3, 5, 6 measure acceleration this way), and the time
+reach the BN model's best accuracy (Kalayeh & Shah, Tables 3, 5, 6 measure acceleration this way), and the time
 per step relative to BN — and writes test-error curves (mean ± std band) to a PNG.
 
 "Steps to BN best": the BN model's best accuracy is the maximum of BN's seed-averaged test-accuracy
@@ -64,22 +64,22 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "bn": ("batch normalization", {"model.norm": "bn"}),
     "gn+ws": (
-        "group norm + weight standardization (004)",
+        "group norm + weight standardization (Qiao et al.)",
         {"model.norm": "gn", "model.conv": "ws"},
     ),
     "bcn+ws": (
-        "batch-channel norm + weight standardization (004)",
+        "batch-channel norm + weight standardization (Qiao et al.)",
         {"model.norm": "bcn", "model.conv": "ws"},
     ),
-    "mixture": ("mixture normalization (000)", {"model.norm": "mixture"}),
+    "mixture": ("mixture normalization (Kalayeh & Shah)", {"model.norm": "mixture"}),
     "mixture+warm": (
-        "mixture normalization (000), fits warm-started from the previous batch (not in the paper)",
+        "mixture normalization (Kalayeh & Shah), fits warm-started from the previous batch (not in the paper)",
         {"model.norm": "mixture(init=warm)"},
     ),
-    "mode": ("mode normalization (001)", {"model.norm": "mode"}),
-    "iternorm": ("iterative whitening (002)", {"model.norm": "iternorm"}),
+    "mode": ("mode normalization (Deecke et al.)", {"model.norm": "mode"}),
+    "iternorm": ("iterative whitening (Huang et al.)", {"model.norm": "iternorm"}),
     "std-loss": (
-        "no norm layers + standardization loss (003)",
+        "no norm layers + standardization loss (Collins et al.)",
         {"model.norm": "none", "model.std_loss_weight": 0.01},
     ),
     "none": ("no normalization", {"model.norm": "none"}),
