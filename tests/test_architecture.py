@@ -155,7 +155,9 @@ def test_report_is_downstream_of_experiments() -> None:
         if s.split(".")[1] == d.split(".")[1] if d.count(".") else True:
             continue
         m = re.search(r"import\s+(.*)", text)
-        names = [n.strip().split(" as ")[0] for n in (m.group(1) if m else "").strip("()").split(",")]
+        names = [
+            n.strip().split(" as ")[0] for n in (m.group(1) if m else "").strip("()").split(",")
+        ]
         if any(n.startswith("_") and not n.startswith("__") for n in names):
             private.append(f"{s}:{line}: {text.strip()}")
     assert not private, "private names imported across packages:\n" + "\n".join(private)
@@ -189,7 +191,10 @@ _OUTSIDE = [
     (re.compile(r"DESIGN\.md"), "a reference to DESIGN.md"),
     (re.compile(r"\.\./shared"), "a path outside the repository"),
     (re.compile(r"/work/|/home/\w+|/Users/\w+"), "an absolute machine path"),
-    (re.compile(r"\b00[0-4][ _](?:Sec|Eq|Table|Tables|Fig|Alg|Figs|Algorithm)\b"), "a numeric paper prefix"),
+    (
+        re.compile(r"\b00[0-4][ _](?:Sec|Eq|Table|Tables|Fig|Alg|Figs|Algorithm)\b"),
+        "a numeric paper prefix",
+    ),
     (re.compile(r"\b00[0-4]_[a-z]"), "a numeric paper prefix in an id"),
 ]
 
@@ -202,7 +207,9 @@ def _repo_text_files() -> list[Path]:
             files += [
                 p
                 for p in base.rglob("*")
-                if p.is_file() and ".egg-info" not in str(p) and p.suffix in {".py", ".md", ".toml", ".txt", ".sh", ".json", ""}
+                if p.is_file()
+                and ".egg-info" not in str(p)
+                and p.suffix in {".py", ".md", ".toml", ".txt", ".sh", ".json", ""}
             ]
     files += [ROOT / "README.md", ROOT / "pyproject.toml"]
     return [p for p in files if p.exists() and p != Path(__file__).resolve()]

@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import normlab
-from normlab.distributed import (
+from normlab.nn import gmm, stats
+from normlab.nn.standard import batch_norm_from_sums
+from normlab.nn.std_loss import standardization_moments, synced_standardization_moments
+from normlab.nn.sync import (
     register_batch_stats_layer,
     sync_stats,
     synced_layers,
     unsync_stats,
 )
-from normlab.nn import gmm, stats
-from normlab.nn.standard import batch_norm_from_sums
-from normlab.nn.std_loss import standardization_moments, synced_standardization_moments
 
 pytestmark = pytest.mark.distributed
 

@@ -274,7 +274,10 @@ def test_inception_placements_and_final_map():
     names = [n for n, _ in model.named_children()]
     for layer in ("red1", "red2", "inc1_0", "inc1_2", "inc2_0", "inc2_3", "inc3_0", "inc3_1"):
         assert layer in names
-    assert model.conv1.conv.stride == (1, 1)  # Kalayeh & Shah: first conv stride 1, first max-pool removed
+    assert model.conv1.conv.stride == (
+        1,
+        1,
+    )  # Kalayeh & Shah: first conv stride 1, first max-pool removed
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.children()) == 1
     # Kalayeh & Shah, Sec. 4.3: output stride 8, final map 3x3 for 32x32 input.
     x = torch.randn(2, 3, 32, 32)

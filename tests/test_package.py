@@ -68,6 +68,6 @@ def test_star_import_gives_exactly_all():
 
 def test_every_registered_layer_class_is_public():
     # a layer reachable by name from the registry is also importable by its class name
-    for cls in normlab.registry.norm_classes():
+    for cls in normlab.nn.registry.norm_classes():
         assert issubclass(cls, nn.Module)
         assert getattr(normlab, cls.__name__, None) is cls, cls.__name__

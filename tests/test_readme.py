@@ -142,7 +142,7 @@ def test_readme_python_examples_run_and_do_what_they_say(monkeypatch, capsys):
                 torch.distributed.destroy_process_group()
         if block in dist_blocks:
             assert isinstance(ns["model"], nn.parallel.DistributedDataParallel)
-            synced = normlab.distributed.synced_layers(ns["model"].module)
+            synced = normlab.synced_layers(ns["model"].module)
             assert ns["model"].module is ns["model_before_ddp"]
             # torch's BatchNorms become normlab's (as SyncBatchNorm's converter does); the
             # MixtureNorm placed by the first example is synchronised as well

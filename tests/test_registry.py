@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import normlab
-from normlab.registry import parse_spec
+from normlab.nn.registry import parse_spec
 
 # Specs that must build for every registered name (with default kwargs), on both input ranks.
 SHAPES = [(6, 16), (6, 16, 5, 4)]

@@ -193,7 +193,7 @@ def test_errors_are_raised_on_every_process(spawned):
 
 
 def test_sync_stats_flag_synchronises_the_model():
-    from normlab.distributed import synced_layers
+    from normlab.nn.sync import synced_layers
 
     plain = Trainer(load_config(None, ["model.norm=mixture(k=2)"]), write=False)
     synced = Trainer(

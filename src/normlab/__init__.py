@@ -8,10 +8,9 @@ One line puts a layer into a model::
 """
 
 from normlab.convert import convert, convert_conv
-from normlab.distributed import sync_stats, unsync_stats
 from normlab.nn import *  # noqa: F403
 from normlab.nn import __all__ as _nn_all
-from normlab.registry import available_norms, make_norm, parse_spec, register_norm
+from normlab.nn.registry import available_norms, make_norm, parse_spec, register_norm
 
 __version__ = "0.1.0"
 
@@ -23,7 +22,5 @@ __all__ = [
     "make_norm",
     "parse_spec",
     "register_norm",
-    "sync_stats",
-    "unsync_stats",
     *_nn_all,
 ]

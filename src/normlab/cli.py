@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 import normlab
-from normlab.distributed import is_main_process
+from normlab.train.distributed import is_main_process
 
 
 def _err(msg: str) -> None:

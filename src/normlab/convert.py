@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from normlab.registry import NormSpec, make_norm, norm_classes
+from normlab.nn.registry import NormSpec, make_norm, norm_classes
 
 __all__ = ["convert", "convert_conv", "is_norm_layer", "norm_num_features"]
 

@@ -920,7 +920,7 @@ def run_experiment(
     _check_suite(out, suite, overwrite)
     # under torchrun (normlab.train's multi-process training) every process runs the training
     # runs together; rank 0 alone writes the suite files, and runs the analyses on its own
-    from normlab.distributed import is_main_process
+    from normlab.train.distributed import is_main_process
 
     main = is_main_process()
     if not main and exp.kind == "analysis":

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from normlab.analysis._plot import new_figure, save_figure
 from normlab.nn._utils import to_points
-from normlab.registry import NormSpec, make_norm
+from normlab.nn.registry import NormSpec, make_norm
 
 __all__ = [
     "covariance_condition_number",

@@ -225,7 +225,7 @@ def _out_channels(mod: nn.Module, name: str) -> int:
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    from normlab.registry import norm_classes
+    from normlab.nn.registry import norm_classes
 
     torch_norms = (
         nn.modules.batchnorm._NormBase,

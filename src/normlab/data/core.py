@@ -145,19 +145,13 @@ def register_dataset(name: str, description: str) -> Callable[[Loader], Loader]:
     return deco
 
 
-def _ensure_loaded() -> None:
-    import normlab.data  # noqa: F401  (importing the package registers every loader)
-
-
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`, in registration order."""
-    _ensure_loaded()
     return list(_DATASETS)
 
 
 def dataset_descriptions() -> dict[str, str]:
     """Names mapped to one-line descriptions."""
-    _ensure_loaded()
     return {k: d for k, (_, d) in _DATASETS.items()}
 
 
@@ -175,7 +169,6 @@ def load_dataset(
     ``download=True`` fetches missing files first (checksum-verified). ``seed`` fixes the
     train/test split where the dataset has no official one. ``kwargs`` go to the loader.
     """
-    _ensure_loaded()
     if not isinstance(name, str) or name.lower() not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(_DATASETS)}")
     fn, _ = _DATASETS[name.lower()]

@@ -320,7 +320,8 @@ def to_rgb32(x: np.ndarray) -> np.ndarray:
 
 
 @register_dataset(
-    "multitask", "Deecke et al., Sec. 4.1: MNIST + CIFAR-10 + SVHN + Fashion-MNIST as 3x32x32, 40 classes"
+    "multitask",
+    "Deecke et al., Sec. 4.1: MNIST + CIFAR-10 + SVHN + Fashion-MNIST as 3x32x32, 40 classes",
 )
 def load_multitask(
     root: str | os.PathLike[str] | None = None,

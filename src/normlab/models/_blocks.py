@@ -5,7 +5,7 @@ convolution by :func:`make_conv` from the model's *conv spec*, so ``conv="ws"`` 
 convolution of a model into a :class:`normlab.WSConv2d` (Qiao et al., Sec. 4) and the module names line up
 across models: ``<block>.conv``, ``<block>.norm``, ``<block>.act``.
 
-A conv spec is written like a norm spec (parsed by :func:`normlab.registry.parse_spec`)::
+A conv spec is written like a norm spec (parsed by :func:`normlab.nn.registry.parse_spec`)::
 
     "plain"                      # nn.Conv2d
     "ws"                         # WSConv2d, Eq. 5-7 (Eq. 11 and 12)
@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from normlab.nn.registry import NormSpec, make_norm, parse_spec
 from normlab.nn.weight_std import WSConv2d, WSLinear
-from normlab.registry import NormSpec, make_norm, parse_spec
 
 __all__ = [
     "CONV_KINDS",

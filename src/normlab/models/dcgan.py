@@ -41,7 +41,7 @@ from normlab.models._blocks import (
     scaled,
 )
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec, make_norm
+from normlab.nn.registry import NormSpec, make_norm
 
 __all__ = ["DCGAN", "DeconvNormAct", "dcgan", "dcgan_discriminator", "dcgan_generator"]
 
@@ -88,7 +88,9 @@ def _check_image_size(image_size: int, model: str) -> int:
     return image_size
 
 
-@register_model("dcgan_g", "Kalayeh & Shah, Sec. 4.5: DCGAN generator (linear + 4 deconv), z -> image")
+@register_model(
+    "dcgan_g", "Kalayeh & Shah, Sec. 4.5: DCGAN generator (linear + 4 deconv), z -> image"
+)
 def dcgan_generator(
     num_classes: int = 1,
     in_channels: int = 3,
@@ -133,7 +135,9 @@ def dcgan_generator(
     return _dcgan_init(net)
 
 
-@register_model("dcgan_d", "Kalayeh & Shah, Sec. 4.5: DCGAN discriminator (7 conv + linear), image -> logit")
+@register_model(
+    "dcgan_d", "Kalayeh & Shah, Sec. 4.5: DCGAN discriminator (7 conv + linear), image -> logit"
+)
 def dcgan_discriminator(
     num_classes: int = 1,
     in_channels: int = 3,
@@ -189,7 +193,9 @@ class DCGAN(nn.Module):
         return self.generator(z)
 
 
-@register_model("dcgan", "Kalayeh & Shah, Sec. 4.5: DCGAN generator + discriminator pair, per-network norms")
+@register_model(
+    "dcgan", "Kalayeh & Shah, Sec. 4.5: DCGAN generator + discriminator pair, per-network norms"
+)
 def dcgan(
     num_classes: int = 1,
     in_channels: int = 3,

@@ -24,7 +24,7 @@ from normlab.models._blocks import (
     make_conv,
 )
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec, make_norm
+from normlab.nn.registry import NormSpec, make_norm
 
 __all__ = ["DenseLayer", "densenet"]
 
@@ -43,7 +43,8 @@ class DenseLayer(NormActConv):
 
 
 @register_model(
-    "densenet", "Kalayeh & Shah, Sec. 4.4: DenseNet-40/100 (k=12) for CIFAR, 3 blocks, 2 transitions"
+    "densenet",
+    "Kalayeh & Shah, Sec. 4.4: DenseNet-40/100 (k=12) for CIFAR, 3 blocks, 2 transitions",
 )
 def densenet(
     num_classes: int = 100,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from normlab.models._blocks import ConvNormAct, ConvSpec, Named, init_weights, scaled
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec
+from normlab.nn.registry import NormSpec
 
 __all__ = ["InceptionModule", "InceptionV3CIFAR", "Split", "inception_v3_cifar"]
 

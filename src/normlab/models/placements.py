@@ -58,9 +58,15 @@ PLACEMENTS: dict[str, tuple[str, list[str]]] = {
         inception_branch_ends("inc2_1", "inc3_0"),
     ),
     # Kalayeh & Shah, Sec. 4.4: the two transitions and the norm after the third dense block.
-    "mixture/densenet/transitions+final": ("densenet", ["trans1.norm", "trans2.norm", "final.norm"]),
+    "mixture/densenet/transitions+final": (
+        "densenet",
+        ["trans1.norm", "trans2.norm", "final.norm"],
+    ),
     # Kalayeh & Shah, Sec. 4.5: the norms of the generator's first two deconvolutions.
-    "mixture/dcgan/deconv1+deconv2": ("dcgan", ["generator.deconv1.norm", "generator.deconv2.norm"]),
+    "mixture/dcgan/deconv1+deconv2": (
+        "dcgan",
+        ["generator.deconv1.norm", "generator.deconv2.norm"],
+    ),
     "mixture/dcgan_g/deconv1+deconv2": ("dcgan_g", ["deconv1.norm", "deconv2.norm"]),
 }
 

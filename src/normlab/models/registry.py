@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from normlab.models._blocks import ConvSpec, parse_conv
-from normlab.registry import NormSpec, parse_spec
+from normlab.nn.registry import NormSpec, parse_spec
 
 __all__ = ["available_models", "create", "model_descriptions", "register_model"]
 
@@ -28,18 +28,12 @@ def register_model(name: str, description: str) -> Callable[[ModelFactory], Mode
     return deco
 
 
-def _ensure_loaded() -> None:
-    import normlab.models  # noqa: F401
-
-
 def available_models() -> list[str]:
     """Names accepted by :func:`create`, in registration order."""
-    _ensure_loaded()
     return list(_MODELS)
 
 
 def model_descriptions() -> dict[str, str]:
-    _ensure_loaded()
     return {k: d for k, (_, d) in _MODELS.items()}
 
 
@@ -58,7 +52,6 @@ def create(
     ``kw`` are the model's own knobs (``width``, ``depth``, ``growth``, ...); unknown names raise
     ``ValueError`` listing the valid ones, and so does a bad conv spec (naming the key and value).
     """
-    _ensure_loaded()
     if not isinstance(name, str) or name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_MODELS)}")
     for nm, v in (("num_classes", num_classes), ("in_channels", in_channels)):

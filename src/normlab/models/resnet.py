@@ -24,7 +24,7 @@ from normlab.models._blocks import (
     scaled,
 )
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec, make_norm
+from normlab.nn.registry import NormSpec, make_norm
 
 __all__ = ["BasicBlock", "PadShortcut", "WideBlock", "resnet18_cifar", "resnet_cifar", "wrn"]
 

@@ -22,7 +22,7 @@ from normlab.models._blocks import (
     scaled,
 )
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec
+from normlab.nn.registry import NormSpec
 
 __all__ = ["cifar_cnn", "cnn3", "convnet4", "lenet", "mlp", "nin", "small_cnn"]
 
@@ -244,7 +244,10 @@ def cnn3(
     return init_weights(net)
 
 
-@register_model("mlp", "Collins et al., App. A.2 / Huang et al., Fig. 3: MLP, configurable depth and width (100)")
+@register_model(
+    "mlp",
+    "Collins et al., App. A.2 / Huang et al., Fig. 3: MLP, configurable depth and width (100)",
+)
 def mlp(
     num_classes: int = 10,
     in_channels: int = 1,
@@ -283,7 +286,8 @@ def mlp(
 
 
 @register_model(
-    "convnet4", "Qiao et al., Sec. 6.1.3: 4 conv layers of 32 channels, each + 2x avg pool, GAP, linear"
+    "convnet4",
+    "Qiao et al., Sec. 6.1.3: 4 conv layers of 32 channels, each + 2x avg pool, GAP, linear",
 )
 def convnet4(
     num_classes: int = 10,

@@ -19,7 +19,7 @@ from normlab.models._blocks import (
     scaled,
 )
 from normlab.models.registry import register_model
-from normlab.registry import NormSpec
+from normlab.nn.registry import NormSpec
 
 __all__ = ["VGG_CONFIGS", "vgg"]
 
@@ -33,7 +33,10 @@ VGG_CONFIGS: dict[int, list[int | str]] = {
 }  # fmt: skip
 
 
-@register_model("vgg", "VGG for CIFAR: depth 13 (Deecke et al.) or 19 = 16 conv + 1 linear (Huang et al., Sec. 5.1)")
+@register_model(
+    "vgg",
+    "VGG for CIFAR: depth 13 (Deecke et al.) or 19 = 16 conv + 1 linear (Huang et al., Sec. 5.1)",
+)
 def vgg(
     num_classes: int = 10,
     in_channels: int = 3,

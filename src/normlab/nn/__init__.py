@@ -8,6 +8,7 @@ from normlab.nn import (
     simple,
     standard,
     std_loss,
+    sync,
     weight_std,
     whitening,
 )
@@ -18,6 +19,7 @@ from normlab.nn.mode import *  # noqa: F403
 from normlab.nn.simple import *  # noqa: F403
 from normlab.nn.standard import *  # noqa: F403
 from normlab.nn.std_loss import *  # noqa: F403
+from normlab.nn.sync import *  # noqa: F403
 from normlab.nn.weight_std import *  # noqa: F403
 from normlab.nn.whitening import *  # noqa: F403
 
@@ -31,4 +33,5 @@ __all__ = [
     *mode.__all__,
     *whitening.__all__,
     *fixedstats.__all__,
+    *sync.__all__,
 ]

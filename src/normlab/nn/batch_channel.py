@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.nn._utils import check_eps, check_input, check_momentum, check_positive_int
+from normlab.nn.registry import register_norm
 from normlab.nn.standard import batch_norm_from_sums, default_num_groups
 from normlab.nn.stats import channel_sums, current_group
-from normlab.registry import register_norm
 
 __all__ = [
     "BCNorm",
@@ -192,6 +192,8 @@ class BCNorm(nn.Module):
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same. Micro-batch mode trains with N = 1; large-batch
     training needs more than one value per channel, as BatchNorm does.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     def __init__(
         self,

@@ -57,9 +57,9 @@ from normlab.nn._utils import (
     reset_channel_affine,
     stat_dtype,
 )
+from normlab.nn.registry import register_norm
 from normlab.nn.standard import batch_norm_from_sums
 from normlab.nn.stats import current_group
-from normlab.registry import register_norm
 
 __all__ = ["FixedStatsNorm", "draw_fixed_stats", "fixed_stats_norm"]
 
@@ -161,6 +161,8 @@ class FixedStatsNorm(nn.Module):
 
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     def __init__(
         self,

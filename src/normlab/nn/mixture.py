@@ -140,8 +140,8 @@ from normlab.nn._utils import (
     stat_dtype,
 )
 from normlab.nn.gmm import GMMParams, PointSet
+from normlab.nn.registry import register_norm
 from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_channel_sums
-from normlab.registry import register_norm
 
 __all__ = [
     "MixtureNorm",
@@ -616,7 +616,9 @@ def mixture_norm_inference(
     )
 
 
-@register_norm("mixture", "mixture normalization (Kalayeh & Shah): per-batch diagonal GMM, fit queue for eval")
+@register_norm(
+    "mixture", "mixture normalization (Kalayeh & Shah): per-batch diagonal GMM, fit queue for eval"
+)
 class MixtureNorm(nn.Module):
     r"""Mixture Normalization (Kalayeh & Shah, Sec. 3.2) for ``(N, C)`` and ``(N, C, *)`` input.
 
@@ -655,6 +657,8 @@ class MixtureNorm(nn.Module):
 
     Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     # 2: the queue also keeps the fitted mixtures (queue_fit_*); 3: warm_mean (init="warm" seed)
     _version = 3

@@ -101,8 +101,8 @@ from normlab.nn._utils import (
     reset_channel_affine,
     stat_dtype,
 )
+from normlab.nn.registry import register_norm
 from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_sums
-from normlab.registry import register_norm
 
 __all__ = [
     "MIN_MODE_WEIGHT",
@@ -1008,6 +1008,8 @@ class ModeNorm(nn.Module):
         - Input: ``(N, C)`` or ``(N, C, *)``.
         - Output: same shape as the input.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     def __init__(
         self,

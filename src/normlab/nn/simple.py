@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.nn._utils import channel_view, check_input, check_positive_int
-from normlab.registry import register_norm
+from normlab.nn.registry import register_norm
 
 __all__ = ["Affine", "NoNorm"]
 

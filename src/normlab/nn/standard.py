@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab.nn._utils import channel_view, check_input, check_positive_int, stat_dtype
+from normlab.nn.registry import register_norm
 from normlab.nn.stats import channel_sums, current_group
-from normlab.registry import register_norm
 
 __all__ = [
     "BatchNorm",
@@ -102,6 +102,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     :func:`normlab.sync_stats` its training statistics are those of all processes' samples
     (:func:`batch_norm_from_sums`); otherwise it is exactly torch's batch normalization.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     def __init__(
         self,

@@ -5,12 +5,12 @@ Every normlab layer that uses batch statistics obtains them from the functions h
 what a distributed run must all-reduce to get the statistics of the global batch, so this module is
 the seam where synchronisation across processes plugs in (:func:`reduce_sums`).
 
-Cross-process reduction (issue 9). Every sums function below ends in :func:`reduce_sums`, which is
+Cross-process reduction. Every sums function below ends in :func:`reduce_sums`, which is
 the identity unless a *reduction scope* is open in the current thread: inside
 ``with reduction_scope(group):`` (or between :func:`push_group` / :func:`pop_group`) it all-reduces
 (SUM) its tensors over the process group — one flattened collective per call, inside autograd
 (the backward all-reduces the incoming gradients, as ``nn.SyncBatchNorm`` does), see
-:func:`normlab.distributed.all_reduce_sum`. :func:`normlab.sync_stats` opens that scope around the
+:func:`normlab.nn.collective.all_reduce_sum`. :func:`normlab.sync_stats` opens that scope around the
 forward of every batch-statistics layer in training mode, so a layer that takes *all* its batch
 sums from this module is synchronised without any change of its own. What a layer must still
 respect for the reduced sums to be the global batch's:
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from normlab.nn._utils import stat_dtype, to_points
+from normlab.nn.collective import all_reduce_sum
 
 __all__ = [
     "ChannelSums",
@@ -109,14 +110,12 @@ def reduce_sums(*tensors: Tensor) -> tuple[Tensor, ...]:
     Outside a reduction scope (single process, eval mode, or a layer that is not synchronised):
     returns its arguments unchanged — one thread-local attribute read. Inside one: all-reduces
     (SUM) the tensors over the scope's process group with
-    :func:`normlab.distributed.all_reduce_sum` (one collective per dtype; differentiable, the
+    :func:`normlab.nn.collective.all_reduce_sum` (one collective per dtype; differentiable, the
     backward all-reduces the gradients).
     """
     group = _STATE.group
     if group is None:
         return tensors
-    from normlab.distributed import all_reduce_sum  # lazy: distributed imports this module
-
     return all_reduce_sum(tensors, group)
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.nn._utils import channel_view
+from normlab.nn.collective import resolve_group
 from normlab.nn.stats import channel_sums, reduction_scope
 
 __all__ = [
@@ -259,8 +260,6 @@ class StandardizationLoss:
             cd = -1 if isinstance(module, nn.Linear) else 1
             group = None
             if self._synced:
-                from normlab.distributed import resolve_group  # lazy: avoids an import cycle
-
                 group = resolve_group(self._process_group)
             if group is None:
                 mean, var = standardization_moments(output, cd)

@@ -122,8 +122,8 @@ from normlab.nn._utils import (
     reset_channel_affine,
 )
 from normlab.nn._utils import stat_dtype as default_stat_dtype
+from normlab.nn.registry import register_norm
 from normlab.nn.stats import CovarianceSums, gram_sums, group_batch, reduce_sums
-from normlab.registry import register_norm
 
 __all__ = [
     "DBN",
@@ -947,7 +947,9 @@ class _Whitening(nn.Module, abc.ABC):
         return s
 
 
-@register_norm("iternorm", "Iterative Normalization: group whitening by Newton's iteration (Huang et al.)")
+@register_norm(
+    "iternorm", "Iterative Normalization: group whitening by Newton's iteration (Huang et al.)"
+)
 class IterNorm(_Whitening):
     r"""Iterative Normalization (Huang et al., Sec. 3, Algorithm 1; module docstring has the math).
 
@@ -972,6 +974,8 @@ class IterNorm(_Whitening):
     Shape:
         ``(N, C)`` or ``(N, C, *)`` -> same shape and dtype.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     _layer = "IterNorm"
 
@@ -1014,6 +1018,8 @@ class DBN(_Whitening):
     Shape:
         ``(N, C)`` or ``(N, C, *)`` -> same shape and dtype.
     """
+
+    sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
 
     _layer = "DBN"
 

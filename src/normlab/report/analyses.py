@@ -72,7 +72,7 @@ def _pos_int(v: Any, key: str, where: str) -> int:
 
 def _check_specs(params: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
     """Every ``params[key]`` present must parse as a norm spec."""
-    from normlab.registry import parse_spec
+    from normlab.nn.registry import parse_spec
 
     for key in keys:
         if key in params:
@@ -131,7 +131,9 @@ def _variant_sweeps(params: Mapping[str, Any], name: str) -> list[dict[str, Any]
     return chosen
 
 
-@register_analysis("snd_conditioning", "Huang et al., Fig. 4-5: SND and output conditioning of a norm")
+@register_analysis(
+    "snd_conditioning", "Huang et al., Fig. 4-5: SND and output conditioning of a norm"
+)
 class SNDConditioning:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:
@@ -165,7 +167,7 @@ class SNDConditioning:
                 )
             if not isinstance(s.get("name"), str):
                 raise ExperimentError(f"{where}: every sweep needs a name")
-        from normlab.registry import make_norm
+        from normlab.nn.registry import make_norm
 
         for s in _variant_sweeps(params, variant.name):
             for _, dim, b in _points(s):
@@ -359,7 +361,9 @@ REPORTS["snd_conditioning"] = _snd_report
 # Kalayeh & Shah, Table 7: computation cost
 
 
-@register_analysis("cost", "Kalayeh & Shah, Table 7: iterations/s of a network with one norm replaced, vs BN")
+@register_analysis(
+    "cost", "Kalayeh & Shah, Table 7: iterations/s of a network with one norm replaced, vs BN"
+)
 class Cost:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:
@@ -581,7 +585,9 @@ def _stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, fc.t() @ fc / max(f.shape[0] - 1, 1)
 
 
-@register_analysis("gan", "Kalayeh & Shah, Sec. 4.5: DCGAN with BN or MN in the generator; FID if supplied")
+@register_analysis(
+    "gan", "Kalayeh & Shah, Sec. 4.5: DCGAN with BN or MN in the generator; FID if supplied"
+)
 class GAN:
     @staticmethod
     def validate(params: dict[str, Any], variant: Variant) -> None:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import Any
 
-from normlab.distributed import is_main_process
+from normlab.train.distributed import is_main_process
 
 __all__ = ["add_commands", "cmd_report", "cmd_run"]
 

@@ -120,7 +120,8 @@ class ModelConfig:
         ),
     )
     std_loss_weight: float = field(
-        default=0.0, metadata=_meta("weight of the standardization loss (Collins et al.); 0 = off", ge=0.0)
+        default=0.0,
+        metadata=_meta("weight of the standardization loss (Collins et al.); 0 = off", ge=0.0),
     )
     std_loss_include: str | list = field(
         default="",
@@ -427,7 +428,7 @@ def _patterns(value: str | list, key: str) -> list[str]:
 
 
 def _check_spec(spec: str | dict, key: str) -> None:
-    from normlab.registry import available_norms, parse_spec
+    from normlab.nn.registry import available_norms, parse_spec
 
     try:
         name, _ = parse_spec(spec)

@@ -26,7 +26,7 @@ the model's ``state_dict``; its rate is set again from the restored optimizer.
 
 Multi-process training. Launched by ``torchrun --nproc_per_node=N normlab train cfg.toml`` (any
 launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
-every process joins the job (:func:`normlab.distributed.init_distributed`: gloo on CPU, NCCL on
+every process joins the job (:func:`normlab.train.distributed.init_distributed`: gloo on CPU, NCCL on
 CUDA, ``run.dist_backend`` to choose; with ``run.device = "auto"``/``"cuda"`` process ``LOCAL_RANK``
 uses ``cuda:LOCAL_RANK``) and trains the same model wrapped in ``DistributedDataParallel``:
 
@@ -84,14 +84,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import normlab
-from normlab.distributed import (
-    DistInfo,
-    broadcast_object,
-    env_world_size,
-    init_distributed,
-    shard,
-    sync_stats,
-)
+from normlab.nn.sync import sync_stats
 from normlab.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -108,6 +101,13 @@ from normlab.train.config import (
     config_to_dict,
     diff_configs,
     dump_toml,
+)
+from normlab.train.distributed import (
+    DistInfo,
+    broadcast_object,
+    env_world_size,
+    init_distributed,
+    shard,
 )
 from normlab.train.optim import LRSchedule, build_optimizer
 

@@ -10,6 +10,8 @@ A *spec* names a layer and optionally its keyword arguments::
 Values in a spec string are Python-like literals; ``true``/``false``/``none`` are accepted in any
 case, and a bare word (``activation=relu``) is read as a string. Every layer built here accepts both
 ``(N, C)`` and ``(N, C, *)`` input. New layers register themselves with :func:`register_norm`.
+Importing this module runs ``normlab.nn``'s ``__init__`` first, which imports every layer file,
+so the registry is complete before any lookup.
 """
 
 from __future__ import annotations
@@ -64,13 +66,11 @@ def register_norm(name: str, description: str) -> Callable[[Any], Any]:
 
 def available_norms() -> dict[str, str]:
     """Registered names mapped to a one-line description, in registration order."""
-    _ensure_loaded()
     return {k: e.description for k, e in _REGISTRY.items()}
 
 
 def norm_classes() -> tuple[type, ...]:
     """The module classes the registry can build (used by :func:`normlab.convert`)."""
-    _ensure_loaded()
     return tuple(e.factory for e in _REGISTRY.values() if isinstance(e.factory, type))
 
 
@@ -147,7 +147,6 @@ def _valid_kwargs(factory: Callable[..., Any]) -> list[str]:
 def make_norm(spec: NormSpec, num_features: int) -> nn.Module:
     """Build the normalization layer described by ``spec`` for ``num_features`` channels."""
     name, kwargs = parse_spec(spec)
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown normalization {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
@@ -163,8 +162,3 @@ def make_norm(spec: NormSpec, num_features: int) -> nn.Module:
             f"{', '.join(valid) if valid else '(none)'}"
         )
     return entry.factory(num_features, **kwargs)
-
-
-def _ensure_loaded() -> None:
-    # Importing normlab.nn registers every built-in layer.
-    import normlab.nn  # noqa: F401
