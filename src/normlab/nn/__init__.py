@@ -12,6 +12,7 @@ from normlab.nn import (
     weight_std,
     whitening,
 )
+from normlab.nn._kernels import kernels_enabled, set_kernels_enabled, use_kernels
 from normlab.nn.batch_channel import *  # noqa: F403
 from normlab.nn.fixedstats import *  # noqa: F403
 from normlab.nn.mixture import *  # noqa: F403
@@ -24,6 +25,9 @@ from normlab.nn.weight_std import *  # noqa: F403
 from normlab.nn.whitening import *  # noqa: F403
 
 __all__ = [
+    "kernels_enabled",
+    "set_kernels_enabled",
+    "use_kernels",
     *simple.__all__,
     *standard.__all__,
     *weight_std.__all__,
