@@ -8,6 +8,7 @@ One line puts a layer into a model::
 """
 
 from normlab.convert import convert, convert_conv
+from normlab.deploy import FoldResult, fold
 from normlab.nn import *  # noqa: F403
 from normlab.nn import __all__ as _nn_all
 from normlab.nn.registry import available_norms, make_norm, parse_spec, register_norm
@@ -15,10 +16,12 @@ from normlab.nn.registry import available_norms, make_norm, parse_spec, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "FoldResult",
     "__version__",
     "available_norms",
     "convert",
     "convert_conv",
+    "fold",
     "make_norm",
     "parse_spec",
     "register_norm",
