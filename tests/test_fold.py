@@ -136,5 +136,5 @@ def test_a_lone_ws_conv_becomes_a_plain_conv() -> None:
 def test_fold_needs_eval_mode_and_a_module() -> None:
     with pytest.raises(ValueError, match="eval"):
         normlab.fold(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         normlab.fold("model")
