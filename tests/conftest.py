@@ -25,7 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise pytest.UsageError(f"--device: {name!r} is not a torch device (cpu, cuda, cuda:1)")
+        raise pytest.UsageError(
+            f"--device: {name!r} is not a torch device (cpu, cuda, cuda:1)"
+        ) from None
     if dev.type not in ("cpu", "cuda"):
         raise pytest.UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
