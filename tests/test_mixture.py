@@ -1,12 +1,14 @@
 """Tests for MixtureNorm (Kalayeh & Shah, Sec. 3.2) and its functional core.
 
 Oracles: torch's F.batch_norm (K = 1), numpy implementations of Eq. 34–36 and Eq. 38–39 written
-from the paper, torch.autograd.gradcheck in float64, a plain-autograd reference of the closed-form
-backward, synthetic data with known modes, state_dict round trips, a fresh nn.BatchNorm2d.
+from the paper, torch.autograd.gradcheck in float64, the plain-autograd references against the
+kernels of normlab.nn._kernels.mixture (closed-form backward, coefficient form), synthetic data
+with known modes, state_dict round trips, a fresh nn.BatchNorm2d.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -18,6 +20,7 @@ from torch import nn
 
 import normlab
 from normlab.nn import mixture as mx
+from normlab.nn._kernels import mixture as kx
 from normlab.nn.gmm import GMMParams, e_step, fit_gmm
 
 
@@ -194,6 +197,157 @@ def test_no_gradient_through_posteriors() -> None:
     assert not y.requires_grad
 
 
+# --- kernels (normlab.nn._kernels.mixture) against the plain-autograd references ----------------
+
+_LAYER_CONFIGS = {
+    "default": {},
+    "no-affine": {"affine": False},
+    "k1": {"k": 1},
+    "relu": {"activation": "relu"},
+    "em0-literal": {"k": 4, "em_iters": 0, "inference": "literal"},
+    "warm-subsample": {"init": "warm", "em_iters": 3, "sample_fraction": 0.5},
+}
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the calls of the two kernels of normlab.nn._kernels.mixture from now on."""
+    calls = {"MixtureNormFn": 0, "mixture_transform_fused": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        kx,
+        "mixture_transform_fused",
+        counted("mixture_transform_fused", kx.mixture_transform_fused),
+    )
+    monkeypatch.setattr(
+        kx.MixtureNormFn, "apply", staticmethod(counted("MixtureNormFn", kx.MixtureNormFn.apply))
+    )
+    return calls
+
+
+def _layer_pass(layer: nn.Module, xs: list[torch.Tensor], kernels: bool, mode: str) -> dict:
+    """A forward/backward on each batch of ``xs`` from the same RNG state — all in training, or
+    (``mode="eval"``) the last one in eval; the outputs, gradients and buffers of the last one."""
+    layer = copy.deepcopy(layer)
+    torch.manual_seed(11)
+    with normlab.use_kernels(kernels):
+        for i, x in enumerate(xs):
+            last = i == len(xs) - 1
+            layer.train(not (last and mode == "eval"))
+            for p in layer.parameters():
+                p.grad = None
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            g = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).reshape(y.shape)
+            (y * g).sum().backward()
+    return {
+        "output": y.detach(),
+        "input grad": xi.grad,
+        **{f"grad {n}": p.grad for n, p in layer.named_parameters()},
+        **{f"buffer {n}": b.clone() for n, b in layer.named_buffers()},
+    }
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("shape", [(48, 5), (6, 5, 4, 3)], ids=["2d", "4d"])
+@pytest.mark.parametrize("config", sorted(_LAYER_CONFIGS))
+def test_layer_kernel_equals_reference_float64(
+    config: str, shape: tuple[int, ...], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With kernels enabled (default) and with ``normlab.use_kernels(False)`` the layer gives the
+    same outputs, input and parameter gradients and buffers: two training steps (the second one
+    warm-started for init="warm"), or one and then an eval pass. The switch really changes the
+    path where a kernel exists (without the fused activation)."""
+    kwargs = _LAYER_CONFIGS[config]
+    torch.manual_seed(0)
+    layer = normlab.MixtureNorm(5, **kwargs).double()
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
+    calls = _count_kernel_calls(monkeypatch)
+    ker = _layer_pass(layer, xs, True, mode)
+    kernel_calls = dict(calls)
+    ref = _layer_pass(layer, xs, False, mode)
+    assert ker.keys() == ref.keys()
+    for what in ker:
+        if ref[what] is None:
+            assert ker[what] is None, what
+            continue
+        assert ref[what].dtype == ker[what].dtype, what
+        torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
+    assert calls == kernel_calls  # the reference runs no kernel ...
+    expected = {"MixtureNormFn": 2 if mode == "train" else 1, "mixture_transform_fused": 0}
+    if mode == "eval":
+        expected["mixture_transform_fused"] = 1
+    if kwargs.get("activation") is not None:  # ... nor does the fused activation
+        expected = dict.fromkeys(expected, 0)
+    assert kernel_calls == expected
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape", [(7, 3), (3, 3, 2, 3)])
+def test_reference_functionals_gradcheck(shape: tuple[int, ...], activation: str | None) -> None:
+    """The plain-autograd references of the transform: gradcheck in float64, with the
+    posteriors fixed (training, Eq. 34–36) and with given statistics (inference, Eq. 38)."""
+    torch.manual_seed(5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    nu = torch.softmax(torch.randn(shape[0], 4, *shape[2:], dtype=torch.float64) * 2, 1)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor([0.4, 0.3, 0.0, 0.3], dtype=torch.float64)  # one component contributes 0
+    stats = (lam, torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64))
+
+    def train(x, w, b):
+        return mx.mixture_norm(x, nu, w, b, eps=1e-3, activation=activation)
+
+    def infer(x, w, b):
+        return mx.mixture_transform(x, nu, stats, w, b, eps=1e-3, activation=activation)
+
+    with normlab.use_kernels(False):
+        assert torch.autograd.gradcheck(train, (x, w, b))
+        assert torch.autograd.gradcheck(infer, (x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(40, 3), (4, 3, 5, 2)])
+def test_functional_kernels_equal_references(shape: tuple[int, ...]) -> None:
+    """mixture_norm (closed-form backward) and mixture_transform (coefficient form) against
+    their references, float64: outputs, statistics and gradients of x, γ, β."""
+    torch.manual_seed(6)
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
+    nu = torch.softmax(torch.randn(shape[0], 3, *shape[2:], dtype=torch.float64) * 2, 1)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    stats = (
+        torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64),  # a component with weight 0
+        torch.randn(3, 3, dtype=torch.float64),
+        torch.rand(3, 3, dtype=torch.float64) + 0.1,
+    )
+    outs = {}
+    for kernels in (True, False):
+        got = []
+        for fn in ("train", "infer"):
+            xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+            with normlab.use_kernels(kernels):
+                if fn == "train":
+                    y, st = mx.mixture_norm(xi, nu, wi, bi, return_stats=True)
+                    got += list(st)
+                else:
+                    y = mx.mixture_transform(xi, nu, stats, wi, bi)
+            (y * torch.cos(y.detach())).sum().backward()
+            got += [y.detach(), xi.grad, wi.grad, bi.grad]
+        outs[kernels] = got
+    for a, r in zip(outs[True], outs[False], strict=True):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
+
+
 # --- the layer in training --------------------------------------------------------------------
 
 
@@ -219,7 +373,7 @@ def test_well_separated_modes_are_each_standardized(dtype: torch.dtype, tol: flo
         var = x[labels == i].var(0, unbiased=False)
         torch.testing.assert_close(z.mean(0), torch.zeros(4, dtype=dtype), atol=tol, rtol=0)
         torch.testing.assert_close(z.var(0, unbiased=False), var / (var + 1e-5), atol=tol, rtol=0)
-    # so the output variance is Σ_k λ_k · (1/λ_k) ≈ K, as DESIGN.md notes
+    # so the output variance is Σ_k λ_k · (1/λ_k) ≈ K (Eq. 34's 1/√λ_k), see docs/methods/mixture.md
     assert abs(y.var(0, unbiased=False).mean().item() - 3.0) < 0.01
 
 
@@ -670,6 +824,24 @@ def test_eval_with_activation_and_gradients() -> None:
     assert (y >= 0).all()
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_eval_gradient_reaches_affine_when_input_dtype_differs(activation: str | None) -> None:
+    """Regression: float64 input into a float32 layer is normalized in float64; γ and β still
+    get their gradients in eval, equal to those of a float64 copy of the layer."""
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(3, k=2, activation=activation)
+    m(torch.randn(16, 3))
+    with torch.no_grad():
+        m.weight.add_(torch.randn(3))
+    m64 = copy.deepcopy(m).double().eval()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    m.eval()(x).square().sum().backward()
+    m64(x).square().sum().backward()
+    for p, q in ((m.weight, m64.weight), (m.bias, m64.bias)):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad.float())
 
 
 def test_reset_running_stats_empties_queue() -> None:

@@ -2,11 +2,14 @@
 
 Oracles: torch's own F.batch_norm / F.group_norm for the K = 1 and collapsed-gate reductions,
 hand-computed two-sample examples, loop-based numpy re-statements of the paper's formulas, and
-torch.autograd.gradcheck in float64.
+torch.autograd.gradcheck / gradgradcheck in float64. The hand-written kernels
+(normlab.nn._kernels.mode) are checked against the plain-autograd reference that
+normlab.use_kernels(False) selects, and the reference on its own against the numpy oracles.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 import normlab
 from normlab import ModeGroupNorm, ModeNorm, make_norm
+from test_kernels import _kernel_nodes  # the kernel Functions in a graph
 
 # --------------------------------------------------------------------------------------------
 # numpy oracles: the paper's formulas written out with explicit loops over samples and modes
@@ -733,3 +737,136 @@ def test_2d_half_input_float32_statistics(layer_fn):
     y.float().square().sum().backward()
     assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
     assert layer.gate.weight.grad.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# kernels (normlab.nn._kernels.mode) against the plain-autograd reference (use_kernels(False))
+
+
+def _train_then_eval(layer, x, kernels: bool):
+    """One training step's forward/backward, then an eval forward/backward, with the kernels on
+    or off: outputs, input and parameter gradients of both, the buffers after the step, and the
+    kernel Functions each graph used."""
+    layer = copy.deepcopy(layer)
+    out = {}
+    with normlab.use_kernels(kernels):
+        for mode in ("train", "eval"):
+            layer.train(mode == "train")
+            xr = x.detach().clone().requires_grad_()
+            y = layer(xr)
+            out[f"{mode} nodes"] = _kernel_nodes(y)
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+            y.backward(gy)
+            out[f"{mode} y"] = y.detach()
+            out[f"{mode} x.grad"] = xr.grad
+            for n, p in layer.named_parameters():
+                out[f"{mode} {n}.grad"] = p.grad.clone()
+                p.grad = None
+            if mode == "train":
+                out.update({f"buffer {n}": b.clone() for n, b in layer.named_buffers()})
+    return out
+
+
+_LAYERS = {
+    "mode k=1": lambda c: ModeNorm(c, k=1),
+    "mode k=3": lambda c: ModeNorm(c, k=3, momentum=0.3),
+    "mode k=2 no affine": lambda c: ModeNorm(c, k=2, affine=False),
+    "mgn mean k=3": lambda c: ModeGroupNorm(c, k=3),
+    "mgn gated k=2": lambda c: ModeGroupNorm(c, k=2, combine="gated"),
+    "mgn gated k=3": lambda c: ModeGroupNorm(c, k=3, combine="gated"),
+}
+
+
+@pytest.mark.parametrize("shape", [(10, 5), (6, 5, 3, 4)], ids=["NC", "NCHW"])
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_kernels_equal_reference_float64(name, shape):
+    """Outputs, input and parameter gradients (train and eval) and the running buffers after a
+    step: the kernel path and the plain-autograd reference agree to float64 round-off."""
+    torch.manual_seed(21)
+    layer = _LAYERS[name](shape[1]).double()
+    _randomize(layer, seed=21)
+    x = torch.randn(shape, dtype=torch.float64) * 1.5 + torch.linspace(
+        -1, 1, shape[0], dtype=torch.float64
+    ).reshape(-1, *([1] * (len(shape) - 1)))
+    ker = _train_then_eval(layer, x, kernels=True)
+    ref = _train_then_eval(layer, x, kernels=False)
+    assert ker.keys() == ref.keys()
+    for key in ker:
+        if key.endswith("nodes"):
+            continue
+        torch.testing.assert_close(ker[key], ref[key], rtol=1e-9, atol=1e-10, msg=key)
+    assert not ref["train nodes"] and not ref["eval nodes"]  # the reference runs no kernel
+    # the kernel path really ran a kernel (ModeNorm's eval on (N, C) input has none)
+    expected = {
+        ("mode", 2): ({"_ModeNormTrain2d"}, set()),
+        ("mode", 4): ({"_GatedAffine"}, {"_GatedAffine"}),
+        ("mgn", 2): ({"_MGNorm2d"}, {"_MGNorm2d"}),
+        ("mgn", 4): ({"_GatedAffine"}, {"_GatedAffine"}),
+    }[(name.split()[0], len(shape))]
+    assert (ker["train nodes"], ker["eval nodes"]) == expected
+
+
+@pytest.mark.parametrize("shape", [(9, 4, 3, 2), (9, 4)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_reference_mode_norm_matches_numpy(shape, k):
+    """The plain reference on its own against the loop-based numpy statement of Alg. 1–2."""
+    torch.manual_seed(22)
+    layer = ModeNorm(shape[1], k=k, momentum=0.3).double()
+    _randomize(layer, seed=k)
+    x = torch.randn(shape, dtype=torch.float64) + torch.linspace(-2, 2, shape[0]).reshape(
+        -1, *([1] * (len(shape) - 1))
+    )
+    gw, gb = _np(layer.gate.weight), _np(layer.gate.bias)
+    alpha, beta = _np(layer.weight), _np(layer.bias)
+    with normlab.use_kernels(False):
+        y = layer(x)
+        ref, mu, sq = np_mode_norm_train(x, gw, gb, alpha, beta, 1e-5)
+        np.testing.assert_allclose(_np(y).reshape(ref.shape), ref, atol=1e-10, rtol=1e-9)
+        np.testing.assert_allclose(_np(layer.running_mean), 0.3 * mu, atol=1e-12, rtol=1e-10)
+        np.testing.assert_allclose(_np(layer.running_sqmean), 0.7 + 0.3 * sq, rtol=1e-10)
+        layer.eval()
+        x2 = torch.randn(shape, dtype=torch.float64)
+        ref2 = np_mode_norm_eval(
+            x2, gw, gb, alpha, beta, 1e-5, _np(layer.running_mean), _np(layer.running_sqmean)
+        )
+        np.testing.assert_allclose(_np(layer(x2)).reshape(ref2.shape), ref2, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("combine", ["mean", "gated"])
+@pytest.mark.parametrize("shape", [(3, 6, 3, 4), (3, 6)])
+def test_reference_mgn_matches_numpy(combine, shape):
+    torch.manual_seed(23)
+    layer = ModeGroupNorm(6, k=3, combine=combine).double()
+    _randomize(layer, seed=3)
+    x = torch.randn(shape, dtype=torch.float64) * torch.linspace(
+        0.5, 3, 6, dtype=torch.float64
+    ).reshape(1, 6, *([1] * (len(shape) - 2)))
+    with normlab.use_kernels(False):
+        y = layer(x)
+    ref = np_mode_group_norm(
+        x, _np(layer.gate.weight)[:, 0], _np(layer.gate.bias), _np(layer.weight),
+        _np(layer.bias), 1e-5, combine,
+    )  # fmt: skip
+    np.testing.assert_allclose(_np(y).reshape(ref.shape), ref, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layer_fn, training", [
+    (lambda: ModeNorm(3, k=2), True),
+    (lambda: ModeNorm(3, k=2), False),
+    (lambda: ModeGroupNorm(3, k=3), True),
+    (lambda: ModeGroupNorm(3, k=2, combine="gated"), True),
+], ids=["mode-train", "mode-eval", "mgn-mean", "mgn-gated"])  # fmt: skip
+def test_reference_is_twice_differentiable_for_nchw_input(layer_fn, training):
+    """With the kernels off, (N, C, *) input supports double backward (plain autograd); checked
+    with finite differences of the input gradient (gradgradcheck, float64). (MGN computes the
+    same in training and eval.)"""
+    torch.manual_seed(24)
+    layer = layer_fn().double()
+    _randomize(layer, seed=24)
+    if isinstance(layer, ModeNorm):
+        with torch.no_grad():
+            layer.running_sqmean.add_(1.0)
+    layer.train(training)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    with normlab.use_kernels(False):
+        assert torch.autograd.gradgradcheck(layer, (x,), eps=1e-6, atol=1e-5)

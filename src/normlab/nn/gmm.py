@@ -1,10 +1,11 @@
 r"""Batched k-means++ / k-means / EM for diagonal-covariance Gaussian mixtures (no autograd).
 
-The fitting engine behind :class:`normlab.MixtureNorm` (Kalayeh & Shah, Sec. 3.2 and 4.2), usable on its own.
-A mixture is fitted to *points*: the C-dimensional vectors of a channel-first tensor, one per sample
-and position, i.e. ``x`` of shape ``(N, C)`` (N points) or ``(N, C, *)`` (N·prod(*) points). The
-engine never moves channels last: every pass over the points is a (batched) matrix product on the
-channel-first layout, e.g. the log-likelihood of all points under all K components is
+The fitting engine behind :class:`normlab.MixtureNorm` (Kalayeh & Shah, Sec. 3.2 and 4.2), usable
+on its own. A mixture is fitted to *points*: the C-dimensional vectors of a channel-first tensor,
+one per sample and position, i.e. ``x`` of shape ``(N, C)`` (N points) or ``(N, C, *)``
+(N·prod(*) points). The engine never moves channels last: every pass over the points is a
+(batched) matrix product on the channel-first layout, e.g. the log-likelihood of all points
+under all K components is
 
     log N(x | μ_k, σ²_k) = -½ [C log 2π + Σ_c log σ²_kc + (1/σ²_k)·x² - 2 (μ_k/σ²_k)·x + Σ_c μ²_kc/σ²_kc]
 
@@ -12,37 +13,26 @@ with the two dot products computed as ``(K, C) @ (C, points)`` products; weighte
 :func:`normlab.nn.stats.weighted_channel_sums`. Posteriors ("responsibilities") therefore have the
 layout ``(N, K)`` / ``(N, K, L)`` (component index where the channel index was).
 
-Pieces (all run under ``torch.no_grad()``; iteration counts are fixed, so nothing synchronises
-with the host):
+Pieces (all under ``torch.no_grad()``; fixed iteration counts, so no host synchronisation):
 
-* :func:`kmeans_plus_plus` — greedy k-means++ seeding (Kalayeh & Shah, Sec. 4.2: "2 + log(K) trials"): the first
-  centre is a uniformly random point; each further centre is the best, by the k-means potential, of
-  ``2 + ⌊ln K⌋`` candidates drawn by the D² rule (Arthur & Vassilvitskii's sampling, the greedy
-  variant also used by scikit-learn).
+* :func:`kmeans_plus_plus` — greedy k-means++ seeding (Kalayeh & Shah, Sec. 4.2: "2 + log(K)
+  trials"): each centre after the first is the best of ``2 + ⌊ln K⌋`` candidates drawn by D².
 * :func:`kmeans` — Lloyd iterations (an empty cluster keeps its centre).
 * :func:`hard_m_step` / :func:`m_step` — maximum-likelihood (λ, μ, σ²) from hard or soft
   responsibilities, with ``reg_covar`` added to every variance (as scikit-learn does).
 * :func:`e_step` — posteriors by log-sum-exp; components can be masked out (``keep``), which
   renormalises the posteriors over the remaining ones (Kalayeh & Shah, Sec. 5.3).
-* :func:`kmeans_init` — Lloyd iterations, then the initial mixture: the hard M-step of the assignment
-  that produced the final centres.
+* :func:`kmeans_init` — Lloyd iterations, then the hard M-step of the assignment that produced
+  the final centres: the initial mixture.
 * :func:`fit_gmm` — seeding, :func:`kmeans_init`, EM.
 
-Across processes (:func:`normlab.sync_stats`): inside a reduction scope every sum — the shift,
-the M-steps' sufficient statistics, k-means++'s D² masses and potentials — is all-reduced, and
-:func:`kmeans_plus_plus` seeds on the global point set with the first process's random draws, so
-every process ends with the same fit, the one a single process holding the whole batch gets
-(up to rounding) under that generator state. The points themselves never leave their process.
-
-Numerics: coordinates are shifted by a per-channel constant (by default the mean of all points),
-which leaves every step equivariant (means are shifted back) but keeps squares — hence variances
-and distances — from cancelling catastrophically; the shifted squares are the one activation-sized
-tensor the engine allocates (:class:`PointSet`), first moments and dot products are taken on the
-raw points and corrected by the shift. Squared distances are clamped at 0, variances are floored
-by ``reg_covar``, a component that loses all its points keeps its previous mean and gets weight 0
-(log-weight -inf, posterior exactly 0), and weights are normalised by the summed counts (which is
-what a cross-process reduction of the sums needs). Degenerate data (fewer distinct points than K,
-constant channels) gives duplicate or empty components, never NaN/Inf.
+Across processes (:func:`normlab.sync_stats`) every sum is all-reduced and the seeding uses the
+first process's random draws, so every process ends with the fit a single process holding the
+whole batch gets; the points never leave their process. Coordinates are shifted by a per-channel
+constant (:class:`PointSet`; by default the points' mean) so that squares do not cancel; squared
+distances are clamped at 0, variances floored by ``reg_covar``, and a component that loses all
+its points gets weight 0: degenerate data gives duplicate or empty components, never NaN/Inf.
+Details: ``docs/methods/mixture.md``.
 """
 
 from __future__ import annotations

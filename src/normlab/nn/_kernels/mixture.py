@@ -1,0 +1,134 @@
+r"""Kernels for Mixture Normalization (Kalayeh & Shah, Eq. 34–36).
+
+The plain references live in :mod:`normlab.nn.mixture` (one autograd pass per component); the
+kernels here compute the same values with the transform written in coefficient form,
+
+.. math::
+
+    y_i = x_i \odot \textstyle\sum_k ν_{ik} a_k + \sum_k ν_{ik} b_k,\qquad
+    a_k = \frac{γ}{\sqrt{λ_k}\sqrt{σ^2_k + ε}},\quad b_k = β - a_k \odot μ_k,
+
+i.e. two ``(C, K) × ν`` products on the channel-first layout and no per-component
+activation-sized intermediates:
+
+* :class:`MixtureNormFn` — the training transform with ν fixed and a closed-form backward that
+  also differentiates through the statistics μ_k, σ²_k (Eq. 35–36).
+* :func:`mixture_transform_fused` — the same forward with *given* statistics (the inference
+  transform of Eq. 38), differentiated by autograd.
+
+Both take points in layout ``(N, C)`` or ``(B, C, L)`` and posteriors ``(N, K)`` / ``(B, K, L)``.
+Sums over points go through :func:`~normlab.nn.stats.weighted_channel_sums` (the cross-process
+seam); the backward re-enters the forward's reduction scope for the input gradient and takes the
+parameter gradients from the local sums, as ``nn.SyncBatchNorm`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab.nn.gmm import PointSet
+from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_channel_sums
+
+__all__ = ["MixtureNormFn", "coefficients", "mixture_transform_fused", "spread"]
+
+
+def spread(coef: Tensor, nu: Tensor, out: Tensor | None = None, add: bool = False) -> Tensor:
+    """Σ_k ν_ik coef_kc for every point: coef (K, C), ν (N, K) / (B, K, L) -> (N, C) / (B, C, L).
+
+    ``out`` receives the result (``add=True``: is incremented by it) without a new full-size
+    allocation (allocating activation-sized tensors dominates this layer's cost on CPU)."""
+    if nu.dim() == 2:
+        if out is None:
+            return nu @ coef
+        return out.addmm_(nu, coef) if add else torch.mm(nu, coef, out=out)
+    ct = coef.t().expand(nu.shape[0], -1, -1)
+    if out is None:
+        return torch.bmm(ct, nu)
+    return out.baddbmm_(ct, nu) if add else torch.bmm(ct, nu, out=out)
+
+
+def coefficients(
+    alpha: Tensor, rstd: Tensor, gamma: Tensor, mean: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``a_k = α_k · rstd_k ⊙ γ`` and ``b_k = β − a_k ⊙ μ_k``, both (K, C), from α = 1/√λ (K,),
+    rstd = 1/√(σ² + ε), μ (K, C), γ (C,) and β (C,) or ``None`` (no shift)."""
+    coef_a = alpha[:, None] * rstd * gamma
+    coef_b = -coef_a * mean
+    if bias is not None:
+        coef_b = coef_b + bias
+    return coef_a, coef_b
+
+
+def mixture_transform_fused(x: Tensor, nu: Tensor, coef_a: Tensor, coef_b: Tensor) -> Tensor:
+    """``x ⊙ Σ_k ν_k a_k + Σ_k ν_k b_k`` (points' layout), differentiable in ``x``, ``coef_a``
+    and ``coef_b``."""
+    return torch.addcmul(spread(coef_b, nu), x, spread(coef_a, nu))
+
+
+class MixtureNormFn(torch.autograd.Function):
+    r"""Eq. 34–36 + affine with ν fixed, closed-form backward.
+
+    Forward: y_i = x_i ⊙ Σ_k ν_ik a_k + Σ_k ν_ik b_k (:func:`coefficients`), with s_k = √(σ²_k + ε).
+    Backward: per component this is a BN with point weights ν̂_ik (Σ_i ν̂_ik = 1) scaled per point
+    by w_ik = ν_ik/√λ_k. With G^k_i = γ w_ik g_i (the gradient reaching x̂ᵏ_i), S1_k = Σ_i G^k_i
+    and S2_k = Σ_i G^k_i x̂ᵏ_i:
+
+        ∂L/∂x_i = Σ_k [G^k_i − ν̂_ik (S1_k + x̂ᵏ_i S2_k)] / s_k
+                = g_i Σ_k ν_ik a_k − x_i Σ_k ν_ik S2_k/(W_k s_k²)
+                  − Σ_k ν_ik (S1_k − μ_k S2_k/s_k)/(W_k s_k),       W_k = Σ_i ν_ik,
+
+    again (C, K) × ν products; ∂L/∂γ = Σ_k S2_k/γ and ∂L/∂β = Σ_k Σ_i ν_ik g_i.
+
+    Inputs: ``x`` in point layout (the differentiable input), ``nu``, ``weight``, ``bias`` (C,) or
+    None, the :class:`~normlab.nn.gmm.PointSet` ``ps`` of ``x`` (its squares ``ps.sq`` are
+    consumed: their memory becomes the output), and the statistics of ``x`` under ν — μ (K, C),
+    rstd = 1/s (K, C), α = 1/√λ (K,, 0 for an absent component) and W (K,, 1 for an absent one) —
+    as computed from the weighted sums of ``ps`` (no gradient; the backward accounts for their
+    dependence on ``x``). Output ``y`` like ``x``. Forward allocates nothing activation-sized
+    beyond ``ps``, backward two tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, nu, weight, bias, ps: PointSet, mean, rstd, alpha, cnt):  # type: ignore[override]
+        xr, y = ps.raw, ps.sq
+        ps.sq = None  # consumed below
+        gamma = weight if weight is not None else torch.ones_like(mean[0])
+        coef_a, coef_b = coefficients(alpha, rstd, gamma, mean, bias)
+        spread(coef_a, nu, out=y)
+        y.mul_(xr)
+        spread(coef_b, nu, out=y, add=True)
+        ctx.save_for_backward(xr, nu, gamma, mean, rstd, alpha, cnt)
+        ctx.group = current_group()  # the backward's sums are reduced over the same group
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        xr, nu, gamma, mean, rstd, alpha, cnt = ctx.saved_tensors
+        gy = gy.to(xr.dtype)
+        r = gy * xr
+        with reduction_scope(None):  # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
+            _, t1, u = weighted_channel_sums(gy, nu, r)
+        # parameter gradients from the local sums (the data-parallel wrapper averages them) ...
+        t2 = alpha[:, None] * rstd * (u - mean * t1)  # Σ_i w_ik g_i x̂ᵏ_i
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_w = t2.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_b = t1.sum(0)
+        if ctx.needs_input_grad[0]:
+            if ctx.group is not None:  # ... the input gradient from the global ones
+                with reduction_scope(ctx.group):
+                    t1, u = reduce_sums(t1, u)
+                t2 = alpha[:, None] * rstd * (u - mean * t1)
+            s1 = alpha[:, None] * gamma * t1
+            s2 = gamma * t2
+            coef_a = alpha[:, None] * rstd * gamma
+            s1w, s2w = s1 / cnt[:, None], s2 / cnt[:, None]  # divide first: no overflow
+            coef_p = rstd * rstd * s2w
+            coef_q = -rstd * (s1w - rstd * mean * s2w)
+            grad_x = spread(coef_a, nu, out=r)  # reuse the buffer: r is no longer needed
+            grad_x.mul_(gy)
+            grad_x.addcmul_(xr, spread(coef_p, nu), value=-1.0)
+            spread(coef_q, nu, out=grad_x, add=True)
+        return grad_x, None, grad_w, grad_b, None, None, None, None, None
