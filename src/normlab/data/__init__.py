@@ -5,6 +5,11 @@
     from normlab.data import load_dataset, augment
     d = load_dataset("digits")            # DataSplits, standardized, deterministic split
     xb = augment(d.train_x[:64], pad=4)   # random pad-and-crop + flip on the batch's device
+
+ImageNet streams from its JPEG folders instead (it does not fit in a DataSplits)::
+
+    data = imagenet_loaders(root, batch_size=256, workers=8, seed=0, rank=0, world_size=1)
+    for x, y in data.train: ...           # resumable: data.train.state_dict() / load_state_dict()
 """
 
 from normlab.data.augment import augment, random_crop, random_flip, shift_crop
@@ -27,16 +32,32 @@ from normlab.data.files import (
     file_digest,
     verify_file,
 )
+from normlab.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolder,
+    ImageNetData,
+    ResumableLoader,
+    ResumableSampler,
+    imagenet_dir,
+    imagenet_loaders,
+)
 from normlab.data.offline import DOMAINS, gaussian_mixture, split_indices
 from normlab.data.real import MULTITASK_PARTS, read_idx, to_rgb32
 
 __all__ = [
     "DOMAINS",
     "FILES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MULTITASK_PARTS",
     "ChecksumError",
     "DataSplits",
+    "ImageFolder",
+    "ImageNetData",
     "MissingFileError",
+    "ResumableLoader",
+    "ResumableSampler",
     "augment",
     "available_datasets",
     "channel_stats",
@@ -45,6 +66,8 @@ __all__ = [
     "download_file",
     "file_digest",
     "gaussian_mixture",
+    "imagenet_dir",
+    "imagenet_loaders",
     "load_dataset",
     "make_splits",
     "random_crop",

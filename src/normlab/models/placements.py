@@ -7,11 +7,21 @@ Plain data, so an experiment config can name a placement instead of spelling out
 
 The Inception entries list "the last batch normalization in each branch" of each named layer
 (Kalayeh & Shah, Table 4 caption); they equal ``model.branch_end_norms(...)`` (checked by the tests).
+
+The ImageNet ResNet entries are Huang et al.'s (Sec. 5.3, Tables 2–3): "L1" is the first norm only
+(the one after the stem convolution; the rest stay BN), "L1+DF" adds the norm on the pooled
+features before the classifier (an identity slot until converted). "IterNorm-Full" needs no entry:
+it is the norm everywhere (``norm="iternorm"``). The same placements serve DBN ("DBN-L1").
 """
 
 from __future__ import annotations
 
-__all__ = ["PLACEMENTS", "inception_branch_ends", "placement"]
+__all__ = ["FEATURE_NORM", "FIRST_NORM", "PLACEMENTS", "inception_branch_ends", "placement"]
+
+#: The ImageNet ResNets' first norm (after the 7×7 stem convolution) and their norm slot on the
+#: pooled features (see :mod:`normlab.models.imagenet`).
+FIRST_NORM = "conv1.norm"
+FEATURE_NORM = "feature_norm"
 
 _BRANCH_ENDS = {
     "inc1": ["branch0.0", "branch1.1", "branch2.2", "branch3.0"],
@@ -68,6 +78,14 @@ PLACEMENTS: dict[str, tuple[str, list[str]]] = {
         ["generator.deconv1.norm", "generator.deconv2.norm"],
     ),
     "mixture/dcgan_g/deconv1+deconv2": ("dcgan_g", ["deconv1.norm", "deconv2.norm"]),
+    # Huang et al., Table 2 (ResNet-18) and Table 3 (ResNet-50/101): IterNorm-L1 (and DBN-L1),
+    # IterNorm-L1 + DF.
+    "iternorm/resnet18/l1": ("resnet18", [FIRST_NORM]),
+    "iternorm/resnet18/l1+df": ("resnet18", [FIRST_NORM, FEATURE_NORM]),
+    "iternorm/resnet50/l1": ("resnet50", [FIRST_NORM]),
+    "iternorm/resnet50/l1+df": ("resnet50", [FIRST_NORM, FEATURE_NORM]),
+    "iternorm/resnet101/l1": ("resnet101", [FIRST_NORM]),
+    "iternorm/resnet101/l1+df": ("resnet101", [FIRST_NORM, FEATURE_NORM]),
 }
 
 
