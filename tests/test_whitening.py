@@ -1,7 +1,12 @@
 """IterNorm and DBN (Huang et al., Sec. 3): whitening against numpy/scipy ZCA, reductions to batch norm,
-gradients, running statistics, folding, grouping edge cases, ill-conditioning, arguments."""
+gradients, running statistics, folding, grouping edge cases, ill-conditioning, arguments. The
+hand-written kernels (normlab.nn._kernels.whitening) are checked against the plain-autograd
+reference that normlab.use_kernels(False) selects, and the reference on its own against the
+numpy oracles."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -10,15 +15,18 @@ import torch
 import torch.nn.functional as F
 
 import normlab
-from normlab.nn.stats import covariance_sums
+from normlab.nn.stats import covariance_sums, reduction_scope
 from normlab.nn.whitening import (
     DBN,
     IterNorm,
+    decorrelated_batch_norm,
     group_layout,
+    iterative_normalization,
     iternorm_whitening_matrix,
     newton_inverse_sqrt,
     zca_whitening_matrix,
 )
+from test_kernels import _kernel_nodes  # the kernel Functions in a graph
 
 # ---------------------------------------------------------------------------------------------
 # independent oracles (numpy / scipy)
@@ -638,3 +646,212 @@ def test_2d_output_and_input_gradient_are_contiguous_and_match_4d(spec, c):
     torch.testing.assert_close(m.weight.grad, m4.weight.grad, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(m.running_wm, m4.running_wm, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(m.running_mean, m4.running_mean, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written kernels against the plain-autograd reference (normlab.use_kernels(False))
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(m, x, g, kernels: bool):
+    """A training forward/backward, then an eval forward/backward, with or without kernels:
+    everything that comes out (outputs, input and parameter gradients, buffers)."""
+    out = {}
+    with normlab.use_kernels(kernels):
+        for mode in ("train", "eval"):
+            m.train(mode == "train")
+            for p in m.parameters():
+                p.grad = None
+            xr = x.clone().requires_grad_(True)
+            y = m(xr)
+            out[f"{mode} functions"] = _kernel_nodes(y)
+            y.backward(g)
+            out[f"{mode} output"] = y.detach()
+            out[f"{mode} input grad"] = xr.grad
+            for name, p in m.named_parameters():
+                out[f"{mode} {name} grad"] = p.grad
+            if mode == "train":
+                for name, b in m.named_buffers():
+                    out[f"{name} after a step"] = b.clone()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        (IterNorm, {"iters": 5}),
+        (IterNorm, {"iters": 0}),
+        (IterNorm, {"iters": 1}),
+        (IterNorm, {"iters": 12}),  # with the divergence guard
+        (DBN, {}),
+        (DBN, {"max_condition": 1e12}),
+    ],
+)
+@pytest.mark.parametrize("c", [8, 10])  # groups of 4, 4 / of 4, 4 and 2
+@pytest.mark.parametrize("shape_tail", [(), (3, 5)], ids=["2d", "4d"])
+def test_kernel_equals_reference_float64(cls, kw, c, shape_tail):
+    x = _correlated((12, c, *shape_tail), seed=c + len(shape_tail))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    layer = _randomize_affine(cls(c, group_size=4, momentum=0.3, **kw).double())
+    with torch.no_grad():  # start away from (0, I), so the eval step uses non-trivial buffers
+        layer.running_mean.copy_(torch.linspace(-1, 1, c, dtype=torch.float64))
+        wm = layer.running_wm.mul_(0.8).add_(0.05)
+        k = c - 4 * (layer.num_groups - 1)  # real channels of the last group; its padding stays I
+        wm[-1, k:], wm[-1, :, k:] = 0.0, 0.0
+        wm[-1, k:, k:] = torch.eye(4 - k, dtype=torch.float64)
+    ker = _step(copy.deepcopy(layer), x, g, kernels=True)
+    ref = _step(copy.deepcopy(layer), x, g, kernels=False)
+    assert ker.keys() == ref.keys()
+    # (N, C, *) IterNorm without Newton kernel (T = 0, or T > 10 with the guard) is all autograd
+    newton = cls is DBN or 1 <= kw["iters"] <= 10
+    assert bool(ker["train functions"]) is (newton or not shape_tail), ker["train functions"]
+    assert not ref["train functions"] and not ref["eval functions"], ref
+    for what in ker:
+        if not what.endswith("functions"):
+            torch.testing.assert_close(ker[what], ref[what], rtol=1e-9, atol=1e-10, msg=what)
+    # the step really moved the buffers (so the comparison above is not of two initial values)
+    assert not torch.allclose(ker["running_wm after a step"], layer.running_wm)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_reference_matches_the_numpy_oracles(kernels):
+    """The plain reference (and the kernels) against numpy/scipy: ZCA, Eq. 3 as printed, and the
+    two-step running estimates."""
+    x = _correlated((8, 10, 3, 3), seed=21)
+    with normlab.use_kernels(kernels):
+        dbn = _randomize_affine(DBN(10, group_size=4).double())
+        ref, _ = _reference(x, 4, dbn.eps, _zca, dbn.weight, dbn.bias)
+        np.testing.assert_allclose(dbn(x).detach().numpy(), ref, rtol=1e-9, atol=1e-9)
+        it = _randomize_affine(IterNorm(10, group_size=4, iters=3, momentum=0.5).double())
+        matrix = lambda s: _iternorm_matrix(s, 3)  # noqa: E731
+        ref, st1 = _reference(x, 4, it.eps, matrix, it.weight, it.bias)
+        np.testing.assert_allclose(it(x).detach().numpy(), ref, rtol=1e-10, atol=1e-10)
+        _, st2 = _reference(2 * x, 4, it.eps, matrix)
+        it(2 * x)
+    for gi, (a, b) in enumerate(zip(st1, st2)):
+        k = a[1].shape[0]
+        wm_ref = 0.5 * (0.5 * np.eye(k) + 0.5 * a[1]) + 0.5 * b[1]
+        np.testing.assert_allclose(it.running_wm[gi, :k, :k].numpy(), wm_ref, rtol=1e-9)
+        mean_ref = 0.25 * a[0] + 0.5 * b[0]
+        np.testing.assert_allclose(it.running_mean[4 * gi : 4 * gi + k].numpy(), mean_ref)
+    torch.testing.assert_close(it.running_wm[-1, 2:, 2:], torch.eye(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gradcheck_reference_and_kernels(kernels):
+    m = _randomize_affine(IterNorm(5, group_size=3, iters=3).double())  # groups of 3 and 2
+    d = _randomize_affine(DBN(5, group_size=3).double())
+    x = _correlated((4, 5, 2), seed=22).requires_grad_(True)
+    with normlab.use_kernels(kernels):
+        assert torch.autograd.gradcheck(lambda x, w, b: m(x), (x, m.weight, m.bias))
+        assert torch.autograd.gradgradcheck(lambda x: m(x), (x,))
+        assert torch.autograd.gradcheck(lambda x, w, b: d(x), (x, d.weight, d.bias))
+
+
+def test_second_derivatives_of_kernel_and_reference_agree():
+    x = _correlated((9, 5), seed=23).requires_grad_(True)
+    m = _randomize_affine(IterNorm(5, group_size=3, iters=4).double())
+    out = []
+    for kernels in (True, False):
+        with normlab.use_kernels(kernels):
+            (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+            (ggx,) = torch.autograd.grad(gx.square().sum(), x)
+        out.append((gx.detach(), ggx))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-10)
+
+
+def test_matrix_functions_kernel_equals_reference():
+    torch.manual_seed(3)
+    a = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    sigma = a @ a.mT / 5 + 0.1 * torch.eye(5, dtype=torch.float64)
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    fns = {
+        "newton": lambda s: newton_inverse_sqrt(s / 20, 6),
+        "iternorm": lambda s: iternorm_whitening_matrix(s, 5),
+        "iternorm guarded": lambda s: iternorm_whitening_matrix(s, 14, eps=1e-5),
+        "zca": lambda s: zca_whitening_matrix(s, 1e-5),
+    }
+    for name, fn in fns.items():
+        res = []
+        for kernels in (True, False):
+            s = sigma.clone().requires_grad_(True)
+            with normlab.use_kernels(kernels):
+                w = fn(s)
+                (w * g).sum().backward()
+            res.append((w.detach(), s.grad))
+        torch.testing.assert_close(res[0], res[1], rtol=1e-10, atol=1e-11, msg=name)
+    with normlab.use_kernels(False):
+        _, lam = zca_whitening_matrix(sigma[0], return_eigenvalues=True)
+    np.testing.assert_allclose(lam.numpy(), np.linalg.eigvalsh(sigma[0].numpy()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_functional_forms_and_their_errors_in_both_paths(kernels):
+    x = _correlated((20, 6), seed=24)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    with normlab.use_kernels(kernels):
+        y = iterative_normalization(x, group_size=4, iters=5, weight=w)  # weight, no bias
+        y0 = iterative_normalization(x, group_size=4, iters=5)
+        torch.testing.assert_close(y, y0 * w)
+        z = decorrelated_batch_norm(x, group_size=4, bias=w)  # bias, no weight
+        ref, _ = _reference(x, 4, 1e-5, _zca)
+        np.testing.assert_allclose((z - w).numpy(), ref, rtol=1e-9, atol=1e-9)
+        with pytest.raises(ValueError, match="running_mean and running_wm"):
+            iterative_normalization(x, 4, training=False)
+        # group 1 (channels 4, 5) of the layout 4 + 2 is singular: its index is reported
+        bad = x.clone()
+        bad[:, 5] = bad[:, 4]
+        with pytest.raises(ValueError, match=r"group\(s\) \[1\]"):
+            decorrelated_batch_norm(bad, group_size=4, max_condition=1e3)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_both_paths_take_their_sums_through_reduce_sums(kernels, monkeypatch):
+    """The seam of normlab.sync_stats: inside a reduction scope every batch sum (count, Σx,
+    Σxxᵀ) is all-reduced, in both paths; outside one, nothing is."""
+    calls = []
+
+    def all_reduce(tensors, group):
+        calls.append((len(tensors), group))
+        return tuple(tensors)
+
+    monkeypatch.setattr(normlab.nn.stats, "all_reduce_sum", all_reduce)
+    for shape in [(12, 10), (4, 10, 3, 3)]:
+        for cls in (IterNorm, DBN):
+            m = cls(10, group_size=4)
+            with normlab.use_kernels(kernels):
+                calls.clear()
+                m(torch.randn(shape))
+                assert not calls
+                with reduction_scope("group"):
+                    m(torch.randn(shape))
+            # one call per uniform part of the groups (4 + 4 and 2) or one for (N, C) row batches
+            expected = 1 if kernels and len(shape) == 2 else 2
+            assert calls == [(3, "group")] * expected, (cls, shape, calls)
+
+
+def test_reference_dbn_gradient_needs_distinct_eigenvalues():
+    """Documented limit of the plain reference: autograd's eigenvector backward divides by
+    λ_i − λ_j, so a batch with exactly repeated eigenvalues (here N = 1, Σ = εI) has a NaN input
+    gradient without the kernels and a finite one (the closed-form backward) with them."""
+    x = torch.randn(1, 8, dtype=torch.float64)
+    for kernels, finite in ((True, True), (False, False)):
+        xr = x.clone().requires_grad_(True)
+        with normlab.use_kernels(kernels):
+            y = DBN(8, group_size=8).double()(xr)
+            (y * torch.arange(8.0, dtype=torch.float64)).sum().backward()
+        assert torch.isfinite(y).all()
+        assert bool(torch.isfinite(xr.grad).all()) is finite
+
+
+def test_matrix_functions_reject_bad_arguments():
+    with pytest.raises(ValueError, match="square"):
+        newton_inverse_sqrt(torch.ones(3, 4), 2)
+    with pytest.raises(ValueError, match="iters"):
+        newton_inverse_sqrt(torch.eye(3), -1)
+    with pytest.raises(ValueError, match="iters"):
+        iternorm_whitening_matrix(torch.eye(3), 2.5)
+    with pytest.raises(ValueError, match="square"):
+        zca_whitening_matrix(torch.ones(3))
+    with pytest.raises(ValueError, match="min_eigenvalue"):
+        zca_whitening_matrix(torch.eye(3), 0.0)
