@@ -2,7 +2,7 @@
 
 Timing: forward+backward of candidate A and baseline B alternately (A, B, A, B, ... after a
 warm-up); the reported figure is the median of the per-pair ratios, which cancels machine drift
-pair by pair (DESIGN.md "Benchmarking"). Memory: on CUDA, ``torch.cuda.max_memory_allocated``
+pair by pair on a shared, noisy machine. Memory: on CUDA, ``torch.cuda.max_memory_allocated``
 growth during one step; on Linux CPUs, resident-set high-water-mark growth during one step
 (``/proc/self/clear_refs``), with glibc's mmap threshold pinned so freed blocks go back to the OS.
 """
@@ -22,7 +22,8 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def reexec_with_malloc_env() -> None:
-    """Restart the interpreter once with a fixed glibc mmap threshold (stable CPU memory numbers)."""
+    """Restart the interpreter once with a fixed glibc mmap threshold (stable CPU memory
+    numbers)."""
     if sys.platform.startswith("linux") and MMAP_ENV not in os.environ:
         env = dict(os.environ, **{MMAP_ENV: "65536"})
         os.execve(sys.executable, [sys.executable, *sys.argv], env)

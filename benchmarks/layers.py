@@ -1,14 +1,16 @@
 """Layer benchmark: forward+backward time and peak memory of every registered normalization.
 
 Each row is measured as a ratio to its baseline in the same process (nn.BatchNorm2d for 4-D input,
-nn.BatchNorm1d for 2-D input, nn.GroupNorm where the issue says so, nn.Conv2d for WSConv2d), as the
-median of per-pair ratios over alternating runs. Run::
+nn.BatchNorm1d for 2-D input, nn.GroupNorm for the per-sample norms gn/ln/in/mgn, nn.Conv2d for
+WSConv2d), as the median of per-pair ratios over alternating runs. Run::
 
     python benchmarks/layers.py                      # every row
     python benchmarks/layers.py --only "mixture*"    # rows whose spec matches the glob
     python benchmarks/layers.py --pairs 40 --device cuda
 
 Absolute times are printed for reference; only the ratios are comparable across machines.
+TARGETS are the speed goals of the 4-D rows (a ratio to the baseline); the last full CPU run is
+``benchmarks/results_cpu.txt``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from _timing import paired_ratio, peak_memory, reexec_with_malloc_env
 SHAPE_4D = (64, 128, 16, 16)
 SHAPE_2D = (256, 512)
 
-# Extra configurations that the issues name as targets or reference rows: (spec, baseline kind).
+# Configurations with a speed target or kept as reference rows: (spec, baseline kind).
 EXTRA_ROWS: list[tuple[str, str]] = [
     ("bcn(micro_batch=true, rate=0.1)", "bn"),
     ("mixture(k=3, em_iters=2)", "bn"),

@@ -2,9 +2,9 @@
 with a normalization placed where the paper puts it, as a ratio to the same network with BN
 everywhere, measured alternately in the same process (median of per-pair ratios).
 
-Default: the CIFAR CNN of Kalayeh & Shah, Table 1, batch 256, 3×32×32, MixtureNorm(k=3, em_iters=2) at conv3
-(MN-1, Kalayeh & Shah, Table 2) — the issue's target is ≤ 1.05× the all-BN step (the paper's own code: 12–16 %,
-Kalayeh & Shah, Table 7).
+Default: the CIFAR CNN of Kalayeh & Shah, Table 1, batch 256, 3×32×32, MixtureNorm(k=3,
+em_iters=2) at conv3 (MN-1, Kalayeh & Shah, Table 2). The target is ≤ 1.05× the all-BN step
+(the paper's own implementation costs 12–16 %, Kalayeh & Shah, Table 7).
 
     python benchmarks/network.py
     python benchmarks/network.py --norm "mode(k=2)" --include "conv*" --batch 128

@@ -1,5 +1,6 @@
-"""normlab.analysis: SND and conditioning (Huang et al., Sec. 4), StatDiff (Qiao et al., Eq. 35), acceleration
-measures (Kalayeh & Shah, Tables 2–6, Collins et al., Table 1) and the fixedstats layer (Qiao et al., Eq. 33–34)."""
+"""normlab.analysis: SND and conditioning (Huang et al., Sec. 4), StatDiff (Qiao et al., Eq. 35),
+acceleration measures (Kalayeh & Shah, Tables 2–6; Collins et al., Table 1) and the fixedstats
+layer (Qiao et al., Eq. 33–34)."""
 
 import itertools
 import math
@@ -105,7 +106,7 @@ def test_snd_validates_arguments():
         snd("bn", data, 2, sample_indices=[10])
 
 
-# ---------------------------------------------------------------- conditioning (Huang et al., Fig. 4)
+# ------------------------------------------------------- conditioning (Huang et al., Fig. 4)
 
 
 def test_covariance_condition_number_matches_numpy_and_singular_is_inf():
@@ -242,7 +243,7 @@ def test_stat_diff_collector_explicit_groups_and_errors():
         StatDiffCollector(nn.Linear(3, 3))
 
 
-# ---------------------------------------------------------------- acceleration (Kalayeh & Shah, Collins et al.)
+# ------------------------------------------------- acceleration (Kalayeh & Shah, Collins et al.)
 
 STEPS = [100, 200, 300, 400, 500, 600, 700, 800]
 ACCS = [0.10, 0.50, 0.30, 0.60, 0.55, 0.70, 0.65, 0.68]
@@ -275,7 +276,8 @@ def test_acceleration_reduction_and_speedup():
     # a method that never reaches the baseline's best
     never = acceleration(base_s, base_a, meth_s, [0.1, 0.2, 0.3, 0.79])
     assert never.method_steps is None and never.reduction is None and never.speedup is None
-    # Kalayeh & Shah, Table 3 (CIFAR-10): BN-2 1.95e4 steps, MN-2 1.34e4 -> "~31%"; Collins et al., Table 1: 26.6K/6.1K
+    # Kalayeh & Shah, Table 3 (CIFAR-10): BN-2 1.95e4 steps, MN-2 1.34e4 -> "~31%";
+    # Collins et al., Table 1: 26.6K/6.1K
     t3 = acceleration([19500], [0.8795], [13400, 20000], [0.8795, 0.8847])
     assert t3.reduction == pytest.approx(1 - 13400 / 19500) and round(100 * t3.reduction) == 31
     t1 = acceleration([26600], [0.865], [6100], [0.87])
@@ -317,7 +319,7 @@ def test_acceleration_table_from_metrics_records():
         acceleration_table(runs, "GN")
 
 
-# ---------------------------------------------------------------- fixedstats (Qiao et al., Eq. 33–34)
+# ------------------------------------------------------- fixedstats (Qiao et al., Eq. 33–34)
 
 
 def test_fixedstats_builds_from_registry_on_both_ranks():

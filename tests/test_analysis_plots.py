@@ -1,5 +1,6 @@
-"""normlab.analysis: activation distributions (Kalayeh & Shah, Fig. 1, Collins et al., Fig. 4), MixtureNorm / ModeNorm
-diagnostics (Kalayeh & Shah, Fig. 8–9, Deecke et al., Fig. 3) and every plot function (PNG files, Agg, no pyplot)."""
+"""normlab.analysis: activation distributions (Kalayeh & Shah, Fig. 1; Collins et al., Fig. 4),
+MixtureNorm / ModeNorm diagnostics (Kalayeh & Shah, Fig. 8–9; Deecke et al., Fig. 3) and every
+plot function (PNG files, Agg, no pyplot)."""
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_plot_activation_gmms_writes_png(tmp_path):
     assert out.suffix == ".png" and _is_png(out)
 
 
-# ---------------------------------------------------------------- percentiles (Collins et al., Fig. 4)
+# ------------------------------------------------------- percentiles (Collins et al., Fig. 4)
 
 
 def test_activation_percentiles_match_numpy():
@@ -118,7 +119,7 @@ def test_percentile_recorder_and_plot(tmp_path):
     assert _is_png(out)
 
 
-# ---------------------------------------------------------------- MixtureNorm (Kalayeh & Shah, Fig. 8–9)
+# ----------------------------------------------------- MixtureNorm (Kalayeh & Shah, Fig. 8–9)
 
 
 def test_effective_num_components_and_perplexity_hand():
@@ -144,7 +145,8 @@ def test_mixture_recorder_and_plots(tmp_path):
     assert sum(last["weights"]) == pytest.approx(1.0, abs=1e-5)
     assert last["num_components"] == int(layer.last_num_components)
     assert 1 <= last["effective"] <= 3 and 1 <= last["perplexity"] <= 3
-    # numpy oracles of the two summaries of the weights (Kalayeh & Shah, Sec. 5.3 count; exp of the entropy)
+    # numpy oracles of the two summaries of the weights (Kalayeh & Shah, Sec. 5.3 count; exp of
+    # the entropy)
     lam = np.asarray(last["weights"], dtype=np.float64)
     assert last["effective"] == int(np.sum(lam >= 0.01))
     p = lam / lam.sum()
@@ -162,7 +164,7 @@ def test_mixture_recorder_and_plots(tmp_path):
         MixtureRecorder(nn.Linear(2, 2))
 
 
-# ---------------------------------------------------------------- ModeNorm gates (Deecke et al., Fig. 3)
+# ------------------------------------------------------- ModeNorm gates (Deecke et al., Fig. 3)
 
 
 def test_mode_gates_top_samples_and_plot(tmp_path):

@@ -1,4 +1,5 @@
-"""Batch-Channel Normalization (Qiao et al., Sec. 7): large-batch vs torch/numpy oracles, Algorithm 1 by hand."""
+"""Batch-Channel Normalization (Qiao et al., Sec. 7): large-batch vs torch/numpy oracles,
+Algorithm 1 by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Statistics synchronised across processes (issue 9): ``normlab.sync_stats``.
+"""Statistics synchronised across processes: ``normlab.sync_stats``.
 
 The oracle of the two-process tests is the *unsynchronised* layer (torch's own ``F.batch_norm``
 for bn/bcn, ``torch.var_mean`` for the standardization loss, the layers' own single-process code for
@@ -287,8 +287,8 @@ def _seeding(part: slice, rank: int) -> dict:
 
 
 def _subset_fit(part: slice, rank: int, synced: bool = True) -> dict:
-    """A MixtureNorm fitting on a random half of the points (Kalayeh & Shah, Sec. 5.1), two training steps;
-    each rank draws its subset from a different RNG state."""
+    """A MixtureNorm fitting on a random half of the points (Kalayeh & Shah, Sec. 5.1), two training
+    steps; each rank draws its subset from a different RNG state."""
     torch.manual_seed(8)
     layer = normlab.MixtureNorm(4, k=3, em_iters=3, sample_fraction=0.5).double()
     if synced:

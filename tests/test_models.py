@@ -65,8 +65,13 @@ def out_shape(name: str, kw: dict, n: int) -> tuple[int, ...]:
     return (n, kw["num_classes"])
 
 
+# The ImageNet networks have their own file (test_models_imagenet.py: full-size counts, shapes,
+# every norm); the generic tests here run the CIFAR-scale architectures.
+IMAGENET_MODELS = {"resnet18", "resnet50", "resnet101", "resnext50_32x4d"}
+
+
 def test_every_model_has_a_reduced_config():
-    assert set(available_models()) == set(REDUCED)
+    assert set(available_models()) == set(REDUCED) | IMAGENET_MODELS
 
 
 def run_forward_backward(name: str, norm, conv="plain") -> nn.Module:
@@ -254,7 +259,8 @@ def convert_names(model: nn.Module, include) -> list[str]:
 def test_cifar_cnn_placements_and_table1_shapes():
     model = create("cifar_cnn", 10, 3)
     assert convert_names(model, "conv3.*") == ["conv3.norm"]
-    # Kalayeh & Shah, Table 1 sizes: 64x32x32, 64x16x16, 128x16x16, 128x8x8, 128x8x8, 128x4x4, 256x4x4, 256x1x1.
+    # Kalayeh & Shah, Table 1 sizes: 64x32x32, 64x16x16, 128x16x16, 128x8x8, 128x8x8, 128x4x4,
+    # 256x4x4, 256x1x1.
     x = torch.randn(2, 3, 32, 32)
     sizes = {}
     for name, m in model.named_children():
@@ -353,6 +359,7 @@ SMALL_KW = {
     "densenet": dict(depth=10, growth=4),
     "dcgan": dict(width=1 / 16),
     "dcgan_g": dict(width=1 / 16),
+    **{name: dict(width=1 / 16) for name in IMAGENET_MODELS},
 }
 
 

@@ -29,7 +29,7 @@ def test_every_registered_name_builds_and_runs_forward_backward(name, shape):
 
 @pytest.mark.parametrize("name", list(normlab.available_norms()))
 def test_every_layer_resets_like_a_torch_layer(name):
-    # DESIGN "look like PyTorch": running state in buffers with reset_running_stats(), parameters
+    # layers look like PyTorch's: running state in buffers with reset_running_stats(), parameters
     # with reset_parameters(), and a repr naming the channel count
     assert "13" in repr(normlab.make_norm(name, 13))
     torch.manual_seed(0)

@@ -1,17 +1,16 @@
-r"""Activation distributions: Gaussian-mixture fits per channel (Kalayeh & Shah, Fig. 1) and activation
-percentiles over training (Collins et al., Fig. 4).
+r"""Activation distributions: Gaussian-mixture fits per channel (Kalayeh & Shah, Fig. 1) and
+activation percentiles over training (Collins et al., Fig. 4).
 
 * :func:`fit_gaussian_mixtures` fits 1-, 2- and 3-component (any K) one-dimensional Gaussian
   mixtures to a channel's activations with scikit-learn's ``GaussianMixture`` (EM, k-means
   initialisation); :func:`plot_activation_gmms` draws, for a few channels, the histogram of the
-  activations with the fitted density p(x) (solid) and its weighted components
-  λ_k N(x; μ_k, σ_k²) (dashed), one row per K — the layout of Kalayeh & Shah, Fig. 1, whose rows are BN
-  (K = 1), MN:2 and MN:3.
-* :func:`activation_percentiles` gives percentiles of a layer's activations (all channels,
-  samples and positions pooled — "percentiles of the cumulative distribution" of the layer's
-  activations, Collins et al., Fig. 4 uses the 1st, 20th, 80th and 99th); :class:`PercentileRecorder` keeps
-  them over training from a forward hook, and :func:`plot_percentiles` draws them against the
-  step.
+  activations with the fitted density p(x) (solid) and its weighted components λ_k N(x; μ_k, σ_k²)
+  (dashed), one row per K — the layout of Kalayeh & Shah, Fig. 1, whose rows are BN (K = 1), MN:2
+  and MN:3.
+* :func:`activation_percentiles` gives percentiles of a layer's activations (all channels, samples
+  and positions pooled — "percentiles of the cumulative distribution" of the layer's activations,
+  Collins et al., Fig. 4 uses the 1st, 20th, 80th and 99th); :class:`PercentileRecorder` keeps them
+  over training from a forward hook, and :func:`plot_percentiles` draws them against the step.
 """
 
 from __future__ import annotations
@@ -43,7 +42,13 @@ DEFAULT_PERCENTILES = (1.0, 20.0, 80.0, 99.0)
 
 def channel_values(x: Tensor | np.ndarray, channel: int) -> np.ndarray:
     """All values of one channel of a channel-first ``(N, C)`` / ``(N, C, *)`` activation tensor
-    (over samples and positions) as a float64 numpy vector."""
+    (over samples and positions) as a float64 numpy vector.
+
+    Example::
+
+        >>> channel_values(torch.arange(8.0).reshape(2, 2, 2), channel=1)
+        array([2., 3., 6., 7.])
+    """
     a = x.detach().to("cpu", torch.float64).numpy() if isinstance(x, Tensor) else np.asarray(x)
     if a.ndim < 2:
         raise ValueError(f"channel_values: expected (N, C) or (N, C, *), got shape {a.shape}")
@@ -86,12 +91,26 @@ def fit_gaussian_mixtures(
     max_points: int | None = 20000,
     reg_covar: float = 1e-6,
 ) -> list[GaussianMixtureFit]:
-    """Fit a K-component Gaussian mixture to 1-D ``values`` for each K in ``ks`` (Kalayeh & Shah, Fig. 1).
+    """Fit a K-component Gaussian mixture to 1-D ``values`` for each K in ``ks`` (Kalayeh & Shah,
+    Fig. 1).
 
     Uses ``sklearn.mixture.GaussianMixture`` (EM from a k-means initialisation, ``random_state =
     seed``). At most ``max_points`` values (a seeded random subset) are used for the fit, which is
     plenty for a 1-D density; ``None`` uses all. ``reg_covar`` is added to the variances (keeps a
     constant channel fit finite).
+
+    Returns:
+        one :class:`GaussianMixtureFit` per K, components sorted by decreasing weight.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> left, right = torch.randn(3200, generator=g) - 3, torch.randn(800, generator=g) + 3
+        >>> one, two = fit_gaussian_mixtures(torch.cat([left, right]), ks=(1, 2))
+        >>> [round(float(m)) for m in two.means], [round(float(w), 1) for w in two.weights]
+        ([-3, 3], [0.8, 0.2])
+        >>> two.bic < one.bic  # two components describe the bimodal values better
+        True
     """
     from sklearn.mixture import GaussianMixture
 
@@ -133,8 +152,8 @@ def plot_activation_gmms(
     bins: int = 60,
     max_points: int | None = 20000,
 ) -> Path:
-    """Kalayeh & Shah, Fig. 1: for each channel (columns; default the first four) and each K (rows), the
-    histogram of the channel's activations in ``x`` (``(N, C)`` or ``(N, C, *)``), the fitted
+    """Kalayeh & Shah, Fig. 1: for each channel (columns; default the first four) and each K (rows),
+    the histogram of the channel's activations in ``x`` (``(N, C)`` or ``(N, C, *)``), the fitted
     mixture density p(x) (solid) and its components (dashed). Returns the written path."""
     nch = x.shape[1]
     channels = list(range(min(4, nch))) if channels is None else list(channels)
@@ -179,6 +198,13 @@ def activation_percentiles(
     ``dim=None``: over all values of ``x`` pooled (returns ``(len(q),)``). ``dim=1``: per
     channel of a channel-first tensor (returns ``(len(q), C)``). Linear interpolation between
     order statistics (numpy's default), in float32 (float64 for float64 input) on ``x``'s device.
+
+    Example::
+
+        >>> activation_percentiles(torch.arange(101.0), q=(1, 50, 99))
+        tensor([ 1., 50., 99.])
+        >>> activation_percentiles(torch.randn(64, 8, 4, 4), dim=1).shape  # per channel
+        torch.Size([4, 8])
     """
     qt = torch.as_tensor(list(q), dtype=torch.float64)
     if qt.numel() == 0 or bool(((qt < 0) | (qt > 100)).any()):
@@ -207,6 +233,21 @@ class PercentileRecorder:
     :func:`activation_percentiles` of it and appends ``{"step", "percentiles"}`` (a list of floats
     in the order of ``q``) to :attr:`history`. Use it as a trainer callback (records every
     ``every`` steps) or call :meth:`record` yourself; :meth:`remove` (or ``with``) removes the hook.
+
+    Args:
+        module: the module whose output is recorded.
+        q: the percentiles, in [0, 100].
+        every: record every ``every`` steps when used as a trainer callback.
+        train_only: keep only training-mode outputs.
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 4, 3)
+        >>> with PercentileRecorder(conv, q=(1, 99)) as rec:
+        ...     _ = conv(torch.randn(8, 3, 6, 6))
+        ...     entry = rec.record(step=1)
+        >>> entry["step"], len(entry["percentiles"])
+        (1, 2)
     """
 
     def __init__(
@@ -261,8 +302,8 @@ def plot_percentiles(
     path: str | os.PathLike[str],
     q: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> Path:
-    """Collins et al., Fig. 4: one panel per run (e.g. no normalization, standardization loss, BN), each
-    percentile of ``q`` as a curve against the step. ``runs`` is a :class:`PercentileRecorder`
+    """Collins et al., Fig. 4: one panel per run (e.g. no normalization, standardization loss, BN),
+    each percentile of ``q`` as a curve against the step. ``runs`` is a :class:`PercentileRecorder`
     history or ``{label: history}``. Panels have their own y-scale (as in the paper)."""
     if not isinstance(runs, Mapping):
         runs = {"": runs}

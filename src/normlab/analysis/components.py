@@ -1,18 +1,19 @@
 r"""Diagnostics of the mixture- and mode-based layers: MixtureNorm component weights and effective
-number of components over training (Kalayeh & Shah, Sec. 5.2–5.3, Fig. 8–9), and ModeNorm gate assignments
-(Deecke et al., Sec. 4 "Qualitative analysis", Fig. 3).
+number of components over training (Kalayeh & Shah, Sec. 5.2–5.3, Fig. 8–9), and ModeNorm gate
+assignments (Deecke et al., Sec. 4 "Qualitative analysis", Fig. 3).
 
-**Effective number of components** (Kalayeh & Shah, Sec. 5.3). The paper discards components whose normalized
-weight λ_k is below 0.01 and plots "the actual number of components that mixture normalization has
-used" (Fig. 9). We follow that definition: the effective number of components of a fit is
-:math:`\#\{k : \lambda_k \ge \text{min\_weight}\}` with ``min_weight = 0.01``
-(:func:`effective_num_components`). ``MixtureNorm`` itself reports the same count for its own
+**Effective number of components** (Kalayeh & Shah, Sec. 5.3, Fig. 9): the number of components
+whose normalized weight λ_k is at least ``min_weight = 0.01`` (the paper discards the others),
+
+.. math::  K_{\text{eff}} = \#\{k : \lambda_k \ge \text{min\_weight}\}
+
+(:func:`effective_num_components`). ``MixtureNorm`` reports the same count for its own
 ``min_weight`` (buffer ``last_num_components``), which :class:`MixtureRecorder` stores as well. A
-continuous alternative, the perplexity :math:`\exp(-\sum_k\lambda_k\log\lambda_k)` of the weights
-(1 for one component, K for uniform weights), is :func:`weight_perplexity`.
+continuous alternative is the perplexity :math:`\exp(-\sum_k\lambda_k\log\lambda_k)` of the
+weights, 1 for one component and K for uniform weights (:func:`weight_perplexity`).
 
-**Gate assignments** (Deecke et al., Fig. 3): the samples "assigned the highest probability to belong to"
-each mode, i.e. for mode k the samples with the largest gate :math:`g_{nk}`
+**Gate assignments** (Deecke et al., Fig. 3): the samples "assigned the highest probability to
+belong to" each mode, i.e. for mode k the samples with the largest gate :math:`g_{nk}`
 (:func:`collect_mode_gates`, :func:`top_samples_per_mode`, :func:`plot_mode_samples`).
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.analysis._plot import new_figure, save_figure
+from normlab.nn.mixture import MixtureNorm
 
 __all__ = [
     "MixtureRecorder",
@@ -43,9 +45,17 @@ __all__ = [
 
 
 def effective_num_components(weights: Tensor, min_weight: float = 0.01) -> Tensor:
-    """Number of mixture components with weight λ_k >= ``min_weight`` (Kalayeh & Shah, Sec. 5.3, Fig. 9).
+    """Number of mixture components with weight λ_k >= ``min_weight`` (Kalayeh & Shah, Sec. 5.3,
+    Fig. 9).
 
-    Shape: ``(..., K)`` -> ``(...)`` (int64).
+    Shape:
+        - Input: ``(..., K)``
+        - Output: ``(...)`` (int64)
+
+    Example::
+
+        >>> effective_num_components(torch.tensor([[0.7, 0.295, 0.005], [0.4, 0.3, 0.3]]))
+        tensor([2, 3])
     """
     if not 0 <= min_weight < 1:
         raise ValueError(
@@ -56,7 +66,13 @@ def effective_num_components(weights: Tensor, min_weight: float = 0.01) -> Tenso
 
 def weight_perplexity(weights: Tensor) -> Tensor:
     """exp of the entropy of the (renormalized) component weights: 1 for a single component, K for
-    K equal weights. Shape ``(..., K)`` -> ``(...)``."""
+    K equal weights. Shape ``(..., K)`` -> ``(...)`` (float64).
+
+    Example::
+
+        >>> weight_perplexity(torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.25, 0.5]])).tolist()
+        [1.0, 2.82842712474619]
+    """
     w = torch.as_tensor(weights, dtype=torch.float64).clamp_min(0)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
     ent = -(torch.special.xlogy(w, w)).sum(-1)
@@ -64,8 +80,6 @@ def weight_perplexity(weights: Tensor) -> Tensor:
 
 
 def _mixture_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from normlab.nn.mixture import MixtureNorm
-
     return {n: m for n, m in model.named_modules() if isinstance(m, MixtureNorm)}
 
 
@@ -81,6 +95,21 @@ class MixtureRecorder:
     also ``mean`` and ``var`` (K × C lists, for :func:`plot_mixture_evolution`). Layers that have
     not had a training step yet are skipped. Use as a trainer callback (every ``every`` steps) or
     call :meth:`record` yourself; it reads buffers only (one host copy per record).
+
+    Args:
+        model: a network with at least one ``MixtureNorm``.
+        store_params: also store each fit's means and variances.
+        min_weight: the weight threshold of :func:`effective_num_components`.
+        every: record every ``every`` steps when used as a trainer callback.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), normlab.MixtureNorm(8, k=3))
+        >>> recorder = MixtureRecorder(model)
+        >>> _ = model(torch.randn(16, 3, 6, 6))  # one training step of the layer
+        >>> entry = recorder.record(step=1)["layers"]["1"]
+        >>> len(entry["weights"]), round(sum(entry["weights"]), 6), 1 <= entry["effective"] <= 3
+        (3, 1.0, True)
     """
 
     def __init__(
@@ -164,9 +193,9 @@ def plot_effective_components(
     window: int = 1,
     layers: Sequence[str] | None = None,
 ) -> Path:
-    """Kalayeh & Shah, Fig. 9: number of components used by each MixtureNorm layer against the step, smoothed
-    by a trailing running average over ``window`` records with ±1 running standard deviation
-    shaded. ``key`` is ``"num_components"`` (the layer's count), ``"effective"`` or
+    """Kalayeh & Shah, Fig. 9: number of components used by each MixtureNorm layer against the step,
+    smoothed by a trailing running average over ``window`` records with ±1 running standard
+    deviation shaded. ``key`` is ``"num_components"`` (the layer's count), ``"effective"`` or
     ``"perplexity"``; ``history`` is :attr:`MixtureRecorder.history`."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"plot_effective_components: window must be >= 1, got {window!r}")
@@ -192,8 +221,9 @@ def plot_mixture_weights(
     path: str | os.PathLike[str],
     layers: Sequence[str] | None = None,
 ) -> Path:
-    """Component weights λ_k of each MixtureNorm layer over training, sorted in decreasing order
-    at every step (Kalayeh & Shah, Fig. 8 sorts components by λ_k): one panel per layer, one curve per rank."""
+    """Component weights λ_k of each MixtureNorm layer over training, sorted in decreasing order at
+    every step (Kalayeh & Shah, Fig. 8 sorts components by λ_k): one panel per layer, one curve per
+    rank."""
     names = list(layers) if layers is not None else _layer_names(history)
     if not names:
         raise ValueError("plot_mixture_weights: the history has no layer")
@@ -276,11 +306,19 @@ def collect_mode_gates(
     inputs: Tensor,
     batch_size: int = 256,
 ) -> Tensor:
-    """Gate assignments g_nk of a ModeNorm layer for every sample of ``inputs`` (Deecke et al., Fig. 3).
+    """Gate assignments g_nk of a ModeNorm layer for every sample of ``inputs`` (Deecke et al.,
+    Fig. 3).
 
     Runs ``model`` in eval mode on ``inputs`` in chunks of ``batch_size`` (restoring its previous
     train/eval state afterwards), captures the input of ``layer`` (a module of the model or its
     qualified name) with a forward hook and returns ``layer.gates(input)``, ``(N, K)`` on the CPU.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), normlab.ModeNorm(8, k=2), nn.ReLU())
+        >>> gates = collect_mode_gates(model, "1", torch.randn(10, 3, 6, 6), batch_size=4)
+        >>> gates.shape, torch.allclose(gates.sum(1), torch.ones(10))
+        (torch.Size([10, 2]), True)
     """
     if isinstance(layer, str):
         mods = dict(model.named_modules())
@@ -314,8 +352,16 @@ def collect_mode_gates(
 
 
 def top_samples_per_mode(gates: Tensor, n: int = 8) -> Tensor:
-    """Indices of the ``n`` samples with the largest gate for each mode (Deecke et al., Fig. 3), ``(K, n)``,
-    most strongly claimed first. ``gates`` is ``(N, K)``."""
+    """Indices of the ``n`` samples with the largest gate for each mode (Deecke et al., Fig. 3),
+    ``(K, n)``, most strongly claimed first. ``gates`` is ``(N, K)``.
+
+    Example::
+
+        >>> gates = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+        >>> top_samples_per_mode(gates, n=2)
+        tensor([[0, 2],
+                [1, 3]])
+    """
     if gates.dim() != 2:
         raise ValueError(f"top_samples_per_mode: gates must be (N, K), got {tuple(gates.shape)}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= gates.shape[0]:

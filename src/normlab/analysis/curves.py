@@ -1,18 +1,20 @@
-r"""Training acceleration from learning curves (Kalayeh & Shah, Tables 2–6; Collins et al., Table 1, Fig. 5).
+r"""Training acceleration from learning curves (Kalayeh & Shah, Tables 2–6; Collins et al., Table 1,
+Fig. 5).
 
 A learning curve is a pair ``(steps, values)`` of equal-length 1-D arrays — e.g. the ``step`` and
 ``test_acc`` of the records of a run's ``metrics.jsonl`` (:func:`learning_curve`). The measures:
 
-* **Steps to a target** (Kalayeh & Shah, Tables 3, 5, 6, following Ioffe & Szegedy): the first step at which
-  the curve reaches the target accuracy; by default the target is the *baseline's* maximum
+* **Steps to a target** (Kalayeh & Shah, Tables 3, 5, 6, following Ioffe & Szegedy): the first step
+  at which the curve reaches the target accuracy; by default the target is the *baseline's* maximum
   accuracy. ``None`` when the curve never reaches it.
 * **Relative reduction** (Kalayeh & Shah: "reduces the number of training steps ... by ~31%"):
   :math:`1 - s_{method}/s_{baseline}`; **speed-up** (Collins et al., Table 1, "4.4 x = 26.6/6.1"):
   :math:`s_{baseline}/s_{method}`.
-* **Best accuracy after a fraction of training** (Kalayeh & Shah, Tables 2, 4: maximum test accuracy after
-  25/50/75/100 % of the epochs): the maximum over the records with step <= fraction × total steps.
-* **Speed-up over the course of training** (Collins et al., Fig. 5–6): for every accuracy the baseline reaches
-  (each new running maximum), its steps to that accuracy divided by the method's.
+* **Best accuracy after a fraction of training** (Kalayeh & Shah, Tables 2, 4: maximum test accuracy
+  after 25/50/75/100 % of the epochs): the maximum over the records with step <= fraction × total
+  steps.
+* **Speed-up over the course of training** (Collins et al., Fig. 5–6): for every accuracy the
+  baseline reaches (each new running maximum), its steps to that accuracy divided by the method's.
 
 :func:`acceleration_table` turns ``{run name: metrics records}`` into table rows for a report.
 All functions are pure (lists/arrays in, Python numbers out).
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from normlab.analysis._plot import new_figure, save_figure
 
 __all__ = [
     "Acceleration",
@@ -65,7 +69,14 @@ def learning_curve(
     records: Iterable[Mapping[str, Any]], key: str = "test_acc", step_key: str = "step"
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` from metrics records (dicts with ``step_key`` and ``key``), sorted by
-    step; records without the key, or with a None / non-finite value, are skipped."""
+    step; records without the key, or with a None / non-finite value, are skipped.
+
+    Example::
+
+        >>> recs = [{"step": 20, "test_acc": 0.6}, {"step": 10, "test_acc": 0.4}, {"step": 30}]
+        >>> learning_curve(recs)
+        (array([10., 20.]), array([0.4, 0.6]))
+    """
     pairs = []
     for r in records:
         v = r.get(key)
@@ -80,7 +91,13 @@ def learning_curve(
 
 
 def best_accuracy(steps: Sequence[float], values: Sequence[float]) -> tuple[float, int | float]:
-    """``(maximum value, first step at which it is reached)``; ValueError for an empty curve."""
+    """``(maximum value, first step at which it is reached)``; ValueError for an empty curve.
+
+    Example::
+
+        >>> best_accuracy([100, 200, 300, 400], [0.5, 0.8, 0.8, 0.7])
+        (0.8, 200)
+    """
     s, v = _curve(steps, values, "best_accuracy")
     if s.size == 0:
         raise ValueError("best_accuracy: the curve is empty")
@@ -91,8 +108,16 @@ def best_accuracy(steps: Sequence[float], values: Sequence[float]) -> tuple[floa
 def steps_to_target(
     steps: Sequence[float], values: Sequence[float], target: float, tol: float = 0.0
 ) -> int | float | None:
-    """First step at which ``value >= target - tol`` (Kalayeh & Shah, Table 3 "steps to 87.95%"), or
-    ``None`` if the curve never reaches the target."""
+    """First step at which ``value >= target - tol`` (Kalayeh & Shah, Table 3 "steps to
+    87.95%"), or ``None`` if the curve never reaches the target.
+
+    Example::
+
+        >>> steps_to_target([100, 200, 300], [0.5, 0.8, 0.9], target=0.75)
+        200
+        >>> steps_to_target([100], [0.5], target=0.9) is None
+        True
+    """
     s, v = _curve(steps, values, "steps_to_target")
     hit = np.nonzero(v >= target - tol)[0]
     return None if hit.size == 0 else _num(s[hit[0]])
@@ -105,8 +130,15 @@ def best_after_fractions(
     total_steps: float | None = None,
 ) -> list[float | None]:
     """Maximum value over the records with ``step <= fraction * total_steps`` for each fraction
-    (Kalayeh & Shah, Tables 2, 4: best test accuracy after 25/50/75/100 % of training). ``total_steps``
-    defaults to the last step of the curve; ``None`` where no record falls in the window."""
+    (Kalayeh & Shah, Tables 2, 4: best test accuracy after 25/50/75/100 % of training).
+    ``total_steps`` defaults to the last step of the curve; ``None`` where no record falls in the
+    window.
+
+    Example::
+
+        >>> best_after_fractions([100, 200, 300, 400], [0.5, 0.8, 0.7, 0.9])
+        [0.5, 0.8, 0.8, 0.9]
+    """
     s, v = _curve(steps, values, "best_after_fractions")
     if total_steps is None:
         if s.size == 0:
@@ -142,9 +174,20 @@ def acceleration(
     target: float | None = None,
     tol: float = 0.0,
 ) -> Acceleration:
-    """Steps each curve needs to reach ``target`` (default: the baseline's best value) and the
-    relative reduction / speed-up of the method over the baseline (Kalayeh & Shah, Tables 3, 5, 6; Collins et al.
-    Table 1)."""
+    r"""Steps each curve needs to reach ``target`` (default: the baseline's best value) and the
+    relative reduction / speed-up of the method over the baseline (Kalayeh & Shah, Tables 3,
+    5, 6; Collins et al., Table 1).
+
+    .. math::  \text{reduction} = 1 - s_{method}/s_{baseline}, \qquad
+               \text{speed-up} = s_{baseline}/s_{method}
+
+    Example::
+
+        >>> acc = acceleration([100, 200, 300, 400], [0.5, 0.7, 0.8, 0.9],
+        ...                    [100, 200, 300, 400], [0.7, 0.9, 0.9, 0.9])
+        >>> acc.target, acc.baseline_steps, acc.method_steps, acc.reduction, acc.speedup
+        (0.9, 400, 200, 0.5, 2.0)
+    """
     if target is None:
         target = best_accuracy(baseline_steps, baseline_values)[0]
     sb = steps_to_target(baseline_steps, baseline_values, target, tol)
@@ -168,6 +211,13 @@ def speedup_curve(
     reaches, in order), the speed-up is (baseline's steps to a) / (method's steps to a). Returns
     ``(accuracies, baseline steps, speed-ups)``; the speed-up is NaN where the method never
     reaches a, and inf where the method reaches it at step 0 but the baseline does not.
+
+    Example::
+
+        >>> accs, steps, speedups = speedup_curve([1, 2, 3, 4], [0.5, 0.6, 0.7, 0.8],
+        ...                                       [1, 2, 3, 4], [0.6, 0.8, 0.8, 0.8])
+        >>> speedups.tolist()  # 0.6 at step 2 vs 1, 0.7 at 3 vs 2, 0.8 at 4 vs 2
+        [1.0, 2.0, 1.5, 2.0]
     """
     sb, vb = _curve(baseline_steps, baseline_values, "speedup_curve")
     sm, vm = _curve(method_steps, method_values, "speedup_curve")
@@ -201,11 +251,19 @@ def acceleration_table(
     """Rows of an acceleration table from metrics records (lists of dicts with ``step`` and
     ``key``, as in ``metrics.jsonl``), one per run in the order given, baseline included.
 
-    Each row: ``name``, ``best`` (max value) and ``best_step``, ``best_after`` (a dict
-    fraction -> best value after that fraction of ``total_steps``, default each run's own last
-    step; Kalayeh & Shah, Tables 2, 4), ``target`` (default the baseline's best), ``steps_to_target``,
-    ``reduction`` and ``speedup`` relative to the baseline (Kalayeh & Shah, Tables 3, 5, 6; Collins et al., Table 1;
-    None where a curve never reaches the target).
+    Each row: ``name``, ``best`` (max value) and ``best_step``, ``best_after`` (a dict fraction ->
+    best value after that fraction of ``total_steps``, default each run's own last step; Kalayeh &
+    Shah, Tables 2, 4), ``target`` (default the baseline's best), ``steps_to_target``, ``reduction``
+    and ``speedup`` relative to the baseline (Kalayeh & Shah, Tables 3, 5, 6; Collins et al., Table
+    1; None where a curve never reaches the target).
+
+    Example::
+
+        >>> runs = {"BN": [{"step": s, "test_acc": a} for s, a in [(1, 0.5), (2, 0.7), (3, 0.8)]],
+        ...         "MN": [{"step": s, "test_acc": a} for s, a in [(1, 0.6), (2, 0.8), (3, 0.8)]]}
+        >>> rows = acceleration_table(runs, baseline="BN")
+        >>> [(r["name"], r["steps_to_target"], r["speedup"]) for r in rows]
+        [('BN', 3, 1.0), ('MN', 2, 1.5)]
     """
     if baseline not in runs:
         raise ValueError(
@@ -244,9 +302,16 @@ def plot_speedup(
     key: str = "test_acc",
 ) -> Path:
     """Collins et al., Fig. 5–6: speed-up of each method over the baseline across training
-    (:func:`speedup_curve`) against the baseline's steps, from metrics records. Returns the path."""
-    from normlab.analysis._plot import new_figure, save_figure
+    (:func:`speedup_curve`) against the baseline's steps, from metrics records. Returns the path.
 
+    Example::
+
+        >>> import tempfile
+        >>> base = [{"step": s, "test_acc": a} for s, a in [(100, 0.5), (200, 0.7), (300, 0.8)]]
+        >>> fast = [{"step": s, "test_acc": a} for s, a in [(100, 0.7), (200, 0.8), (300, 0.85)]]
+        >>> plot_speedup(base, {"MN": fast}, tempfile.mkdtemp() + "/speedup").suffix
+        '.png'
+    """
     bs, bv = learning_curve(baseline, key)
     fig, axes = new_figure(size=(4.6, 3.2))
     ax = axes[0, 0]

@@ -1,4 +1,5 @@
-r"""Stochastic Normalization Disturbance and conditioning of normalized outputs (Huang et al., Sec. 4).
+r"""Stochastic Normalization Disturbance and conditioning of normalized outputs (Huang et al.,
+Sec. 4).
 
 **SND** (Huang et al., Eq. 9–10). For a sample x and a normalization F, the output
 :math:`\hat x = F(X^B; x)` depends on the mini-batch :math:`X^B` it is normalized with, so it is a
@@ -11,21 +12,19 @@ random variable. Its disturbance is
         F(X^B_j; x)\Big\| \quad (10),
 
 and the SND of F is :math:`\widehat\Delta_F = \frac1N\sum_{n=1}^N \widehat\Delta_F(x_n)` over N
-sampled examples (Huang et al., Sec. 4.1). :func:`snd` estimates it for *any* layer (a module or a registry
-spec): each mini-batch is ``x`` followed by ``B − 1`` other examples drawn uniformly without
-replacement from the pool (not x itself), and the layer is run on it in training mode, so
-:math:`F(X^B_i; x)` is exactly what the layer outputs for x in a training step with that batch.
-Reading: the paper does not say whether x belongs to :math:`X^B`; a batch-statistics layer can
-only normalize the samples it is given, so x is one of the B samples (this is also what happens in
-training). The norm is the Euclidean norm of the whole output of x (all channels and positions).
+sampled examples (Huang et al., Sec. 4.1). :func:`snd` estimates it for *any* layer (a module or
+a registry spec): each mini-batch is x followed by B − 1 other examples drawn uniformly without
+replacement from the pool, and the layer is run on it in training mode, so
+:math:`F(X^B_i; x)` is what the layer outputs for x in a training step with that batch. The norm
+is the Euclidean norm of the whole output of x (all channels and positions).
 
-**Conditioning** (Huang et al., Fig. 4a): the condition number :math:`\lambda_{max}/\lambda_{min}` of the
-covariance matrix of a layer's normalized output over a mini-batch
-(:func:`covariance_condition_number`, :func:`normalized_condition_number`).
+**Conditioning** (Huang et al., Fig. 4a): the condition number
+:math:`\lambda_{max}/\lambda_{min}` of the covariance matrix of a layer's normalized output over a
+mini-batch (:func:`covariance_condition_number`, :func:`normalized_condition_number`).
 
 Both estimators run a *copy* of the layer (the caller's running statistics are untouched) in
 training mode without gradients. They are analysis tools, not training-time code: they loop over
-samples and draws.
+samples and draws. Readings of the paper are in ``docs/methods/analysis.md``.
 """
 
 from __future__ import annotations
@@ -58,7 +57,15 @@ def snd_from_outputs(outputs: Tensor) -> Tensor:
     :math:`\frac1s\sum_i \|F(X^B_i;x) - \frac1s\sum_j F(X^B_j;x)\|_2` as a 0-d tensor (float32 for
     half-precision outputs, else their dtype).
 
-    Shape: ``(s, *)`` -> ``()``; each output is flattened (all channels and positions).
+    Shape:
+        - Input: ``(s, *)``; each output is flattened (all channels and positions)
+        - Output: ``()``
+
+    Example::
+
+        >>> outs = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # two draws; their mean is (1, 1)
+        >>> snd_from_outputs(outs)  # the mean distance to it, 1
+        tensor(1.)
     """
     if outputs.dim() < 1 or outputs.shape[0] < 1:
         raise ValueError(
@@ -124,6 +131,15 @@ def snd(
     Returns:
         ``(N,)`` tensor of :math:`\widehat\Delta_F(x_n)`; its mean is the SND
         :math:`\widehat\Delta_F` of the normalization (Huang et al., Sec. 4.1).
+
+    Example::
+
+        >>> pool = torch.randn(256, 16)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> small = snd("bn", pool, 4, num_samples=8, num_draws=20, generator=gen).mean()
+        >>> large = snd("bn", pool, 128, num_samples=8, num_draws=20, generator=gen).mean()
+        >>> bool(small > large)  # BN's SND grows as the batch shrinks (Huang et al., Fig. 5)
+        True
     """
     _check_pool(data, batch_size, "snd")
     s = _check_count(num_draws, "num_draws", "snd")
@@ -158,7 +174,15 @@ def covariance_condition_number(y: Tensor) -> Tensor:
     float64 on the CPU. A singular covariance (λ_min <= 0, e.g. fewer points than dimensions)
     gives ``inf``.
 
-    Shape: ``(m, C)`` or ``(N, C, *)`` -> ``()`` (float64).
+    Shape:
+        - Input: ``(m, C)`` or ``(N, C, *)``
+        - Output: ``()`` (float64)
+
+    Example::
+
+        >>> y = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+        >>> covariance_condition_number(y)  # covariance diag(0.5, 2)
+        tensor(4., dtype=torch.float64)
     """
     if y.dim() < 2:
         raise ValueError(
@@ -183,12 +207,29 @@ def normalized_condition_number(
     num_batches: int = 10,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Condition numbers of the covariance of a layer's training-mode output (Huang et al., Fig. 4a).
+    r"""Condition numbers of the covariance of a layer's training-mode output (Huang et al.,
+    Fig. 4a).
 
     Draws ``num_batches`` mini-batches of ``batch_size`` examples without replacement from
     ``data``, normalizes each with (a copy of) the layer in training mode and returns
     :func:`covariance_condition_number` of each output, ``(num_batches,)`` float64. The paper
     averages over 10 repetitions (``.mean()``).
+
+    Args:
+        norm: a layer (copied, then run in training mode) or a registry spec.
+        data: the pool of examples, ``(M, C)`` or ``(M, C, *)``.
+        batch_size: examples per mini-batch (1 <= B <= M).
+        num_batches: number of mini-batches.
+        generator: CPU ``torch.Generator`` for the draws.
+
+    Example::
+
+        >>> data = torch.randn(512, 8) @ torch.randn(8, 8)  # correlated features
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> bn = normalized_condition_number("bn", data, 256, generator=gen).mean()
+        >>> zca = normalized_condition_number("dbn(group_size=8)", data, 256, generator=gen).mean()
+        >>> bool(zca < 1.01 < bn)  # whitening makes the covariance the identity
+        True
     """
     _check_pool(data, batch_size, "normalized_condition_number")
     nb = _check_count(num_batches, "num_batches", "normalized_condition_number")
@@ -208,8 +249,25 @@ def plot_snd(
     logx: bool = True,
     logy: bool = False,
 ) -> Path:
-    """Huang et al., Fig. 4–5 style line plot: ``curves`` maps a label (e.g. "BN", "IterNorm", "DBN") to
-    ``(xs, ys)`` — SND or condition number against dimension or batch size. Returns the path."""
+    """Huang et al., Fig. 4–5 style line plot of SND or condition number against dimension or
+    batch size.
+
+    Args:
+        curves: maps a label (e.g. "BN", "IterNorm", "DBN") to ``(xs, ys)``.
+        path: the file to write (PNG if it has no suffix).
+        xlabel, ylabel: axis labels.
+        logx, logy: logarithmic axes (base 2 for x).
+
+    Returns:
+        the written path.
+
+    Example::
+
+        >>> import tempfile
+        >>> out = plot_snd({"BN": ([16, 64], [0.3, 0.6])}, tempfile.mkdtemp() + "/snd")
+        >>> out.suffix, out.exists()
+        ('.png', True)
+    """
     if not curves:
         raise ValueError("plot_snd: no curves to plot")
     fig, axes = new_figure(size=(4.4, 3.2))

@@ -1,4 +1,5 @@
-r"""Statistical differences between channels normalized together (Qiao et al., Sec. 6.1.4, Eq. 35, Fig. 6).
+r"""Statistical differences between channels normalized together (Qiao et al., Sec. 6.1.4, Eq. 35,
+Fig. 6).
 
 For a group g of channels that a channel-based normalization (GN, LN) normalizes together, with
 running per-channel means :math:`\mu^r_c` and standard deviations :math:`\sigma_c` of the
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from normlab.analysis._plot import new_figure, save_figure
 from normlab.nn._utils import check_momentum
+from normlab.nn.registry import norm_classes
 from normlab.nn.stats import channel_sums
 
 __all__ = ["StatDiffCollector", "plot_stat_diff", "stat_diff"]
@@ -50,6 +52,12 @@ def stat_diff(mean: Tensor, var: Tensor, num_groups: int, eps: float = 1e-12) ->
     Returns:
         ``(..., G)``: the population standard deviation of the group's means divided by the mean
         of its standard deviations.
+
+    Example::
+
+        >>> mean = torch.tensor([1.0, 3.0, 0.0, 0.0])  # group 0: means 1 and 3, group 1: equal
+        >>> stat_diff(mean, torch.full((4,), 4.0), num_groups=2)  # (std 1) / (mean σ 2)
+        tensor([0.5000, 0.0000])
     """
     if mean.shape != var.shape or mean.dim() < 1:
         raise ValueError(
@@ -97,8 +105,25 @@ class StatDiffCollector:
     when the model's order of registration does not follow the data flow.
 
     Use it as a trainer callback (``callbacks=[collector]`` records every ``every`` steps), or call
-    :meth:`record` yourself (Qiao et al. record after every epoch). Remove the hooks with :meth:`remove`
-    or a ``with`` block.
+    :meth:`record` yourself (Qiao et al. record after every epoch). Remove the hooks with
+    :meth:`remove` or a ``with`` block.
+
+    Args:
+        model: the network.
+        groups: the channel groups per layer (see above); ``None`` infers them.
+        momentum: of the running averages m₁, m₂ (PyTorch convention).
+        modules: the module types to hook.
+        train_only: update only in training-mode forwards.
+        every: record every ``every`` steps when used as a trainer callback.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU())
+        >>> with StatDiffCollector(model) as collector:
+        ...     _ = model(torch.randn(4, 3, 8, 8))
+        ...     rec = collector.record(step=1)
+        >>> collector.groups, sorted(rec)
+        ({'0': 2}, ['layers', 'mean', 'std', 'step'])
     """
 
     def __init__(
@@ -163,8 +188,8 @@ class StatDiffCollector:
         return (m2 - m1 * m1).clamp_min(0)
 
     def stat_diff(self) -> dict[str, Tensor]:
-        """StatDiff of every group (Qiao et al., Eq. 35), ``{layer name: (G,) tensor}``, for the layers
-        that have seen at least one batch."""
+        """StatDiff of every group (Qiao et al., Eq. 35), ``{layer name: (G,) tensor}``, for the
+        layers that have seen at least one batch."""
         out = {}
         for name in self.modules:
             var = self.running_var(name)
@@ -173,9 +198,9 @@ class StatDiffCollector:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """Qiao et al., Fig. 6 at this point of training: each layer's StatDiff averaged over its groups
-        (``layers``), and the mean and (population) standard deviation of those layer averages
-        over all layers (``mean``, ``std``; NaN before any batch). Plain Python floats."""
+        """Qiao et al., Fig. 6 at this point of training: each layer's StatDiff averaged over its
+        groups (``layers``), and the mean and (population) standard deviation of those layer
+        averages over all layers (``mean``, ``std``; NaN before any batch). Plain Python floats."""
         per_layer = {k: float(v.mean()) for k, v in self.stat_diff().items()}
         vals = torch.tensor(list(per_layer.values()), dtype=torch.float64)
         if vals.numel() == 0:
@@ -225,8 +250,6 @@ def _out_channels(mod: nn.Module, name: str) -> int:
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    from normlab.nn.registry import norm_classes
-
     torch_norms = (
         nn.modules.batchnorm._NormBase,
         nn.GroupNorm,
@@ -271,6 +294,13 @@ def plot_stat_diff(
 
     ``runs`` is one :attr:`StatDiffCollector.history` or a mapping ``{label: history}`` (e.g. GN,
     GN+WS, LN, LN+WS); one curve per run. Returns the written path.
+
+    Example::
+
+        >>> import tempfile
+        >>> hist = [{"step": 0, "mean": 0.4, "std": 0.1}, {"step": 10, "mean": 0.2, "std": 0.05}]
+        >>> plot_stat_diff({"GN": hist}, tempfile.mkdtemp() + "/statdiff.png").name
+        'statdiff.png'
     """
     if not isinstance(runs, Mapping):
         runs = {"": runs}

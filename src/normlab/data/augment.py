@@ -34,11 +34,18 @@ def _randint(high: int, n: int, device: torch.device, generator: torch.Generator
 def shift_crop(x: Tensor, pad: int, dy: Tensor, dx: Tensor) -> Tensor:
     """Zero-pad ``x`` by ``pad`` on every side and crop ``H × W`` at per-sample offsets.
 
-    ``dy``, ``dx`` are ``(N,)`` integer offsets in ``[0, 2 * pad]`` into the padded image, so
-    output pixel ``(i, j)`` of sample ``n`` is the input pixel ``(i + dy[n] - pad, j + dx[n] - pad)``
-    (zero where that falls outside). ``dy = dx = pad`` is the identity.
+    ``dy``, ``dx`` are ``(N,)`` integer offsets in ``[0, 2 * pad]`` into the padded image, so output
+    pixel ``(i, j)`` of sample ``n`` is the input pixel ``(i + dy[n] - pad, j + dx[n] - pad)`` (zero
+    where that falls outside). ``dy = dx = pad`` is the identity.
 
     Shape: ``x`` ``(N, C, H, W)`` -> ``(N, C, H, W)``.
+
+    Example::
+
+        >>> x = torch.arange(1.0, 5.0).reshape(1, 1, 2, 2)
+        >>> shift_crop(x, 1, torch.tensor([2]), torch.tensor([1]))  # one row down: the last row
+        tensor([[[[3., 4.],
+                  [0., 0.]]]])
     """
     _check_images(x, "shift_crop")
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
@@ -57,7 +64,16 @@ def shift_crop(x: Tensor, pad: int, dy: Tensor, dx: Tensor) -> Tensor:
 
 
 def random_crop(x: Tensor, pad: int = 4, generator: torch.Generator | None = None) -> Tensor:
-    """Pad by ``pad`` zeros and take a uniformly random ``H × W`` crop per sample (batched)."""
+    """Pad by ``pad`` zeros and take a uniformly random ``H × W`` crop per sample (batched).
+
+    Example::
+
+        >>> x = torch.ones(16, 3, 8, 8)
+        >>> torch.equal(random_crop(x, pad=0), x)  # pad 0: nothing to crop
+        True
+        >>> bool((random_crop(x, pad=4) == 0).any())  # pad 4: zeros come in at some border
+        True
+    """
     _check_images(x, "random_crop")
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ValueError(f"random_crop: pad must be a non-negative integer, got {pad!r}")
@@ -70,7 +86,14 @@ def random_crop(x: Tensor, pad: int = 4, generator: torch.Generator | None = Non
 
 
 def random_flip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
-    """Flip each sample left-right with probability ``p`` (batched)."""
+    """Flip each sample left-right with probability ``p`` (batched).
+
+    Example::
+
+        >>> x = torch.arange(3.0).reshape(1, 1, 1, 3)
+        >>> random_flip(x, p=1.0)
+        tensor([[[[2., 1., 0.]]]])
+    """
     _check_images(x, "random_flip")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"random_flip: p must be in [0, 1], got {p!r}")
@@ -89,6 +112,14 @@ def augment(
     ``generator`` makes it reproducible (it may live on the CPU for a GPU batch).
 
     Shape: ``(N, C, H, W)`` -> ``(N, C, H, W)``.
+
+    Example::
+
+        >>> x = torch.randn(64, 3, 32, 32)
+        >>> a = augment(x, pad=4, generator=torch.Generator().manual_seed(0))
+        >>> b = augment(x, pad=4, generator=torch.Generator().manual_seed(0))
+        >>> a.shape, torch.equal(a, b)
+        (torch.Size([64, 3, 32, 32]), True)
     """
     _check_images(x, "augment")
     out = random_crop(x, pad, generator)

@@ -13,8 +13,9 @@ root, with the URL it comes from and its known MD5. Loaders call :func:`require`
 or override the table, so a test can write a tiny file in the official format, register its
 checksum, load it, then corrupt a byte and watch it being rejected.
 
-The MD5 values are those published with the datasets (and mirrored by the common loaders); they
-could not be re-verified here because this machine has no network.
+The MD5 values are those published with the datasets (and mirrored by the common loaders).
+normlab's tests run offline, so they check the verification on files they write themselves, not
+the published digests against downloaded files.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _algorithm(expected: str) -> str:
 
 
 def verify_file(path: str | os.PathLike[str], expected: str) -> None:
-    """Raise :class:`ChecksumError` unless the file's MD5/SHA-256 (by digest length) is ``expected``."""
+    """Raise :class:`ChecksumError` unless the file's MD5/SHA-256 (by digest length) is
+    ``expected``."""
     expected = expected.strip().lower()
     actual = file_digest(path, _algorithm(expected))
     if actual != expected:

@@ -1,8 +1,8 @@
 """Datasets that need no files: scikit-learn's 8×8 digits, a four-domain version of it, and
 Gaussian-mixture data.
 
-``digits-multidomain`` is a miniature of the multi-task setting of Deecke et al., Sec. 4.1, where MNIST,
-CIFAR-10, SVHN and Fashion-MNIST are joined into one 40-way task whose four parts have very
+``digits-multidomain`` is a miniature of the multi-task setting of Deecke et al., Sec. 4.1, where
+MNIST, CIFAR-10, SVHN and Fashion-MNIST are joined into one 40-way task whose four parts have very
 different image statistics. Here the four domains are made from the same digits by transforms that
 change the pixel statistics strongly (see :data:`DOMAINS`); each domain keeps its own 10 labels
 (label = ``10 * domain + digit``), so there are 40 classes. The train/test split of the underlying
@@ -179,8 +179,8 @@ def load_synthetic(
     sample is one ``dim``-channel point, the layout normalization layers see after a linear layer.
 
     The label is the mode index, or ``mode % num_classes`` when ``num_classes`` is given (several
-    modes per class: the multimodal-class setting that motivates Kalayeh & Shah). Train and test are drawn from
-    the same mixture.
+    modes per class: the multimodal-class setting that motivates Kalayeh & Shah). Train and test are
+    drawn from the same mixture.
     """
     k = modes if num_classes is None else num_classes
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= modes:

@@ -165,7 +165,7 @@ def load_cifar10(
     seed: int = 0,
     checksums: Checksums = None,
 ) -> DataSplits:
-    """CIFAR-10 (official 50 Kalayeh & Shah / 10 Kalayeh & Shah split). ``checksums`` overrides expected digests."""
+    """CIFAR-10 (official 50 000 / 10 000 split). ``checksums`` overrides expected digests."""
     return _splits("cifar10", _cifar10_arrays(data_root(root), download, checksums), 10)
 
 
@@ -241,7 +241,7 @@ def load_mnist(
     seed: int = 0,
     checksums: Checksums = None,
 ) -> DataSplits:
-    """MNIST, official 60 Kalayeh & Shah / 10 Kalayeh & Shah split, files under ``root/mnist``."""
+    """MNIST, official 60 000 / 10 000 split, files under ``root/mnist``."""
     return _splits("mnist", read_mnist_like(data_root(root), "mnist", download, checksums), 10)
 
 
@@ -254,7 +254,7 @@ def load_fashion_mnist(
     seed: int = 0,
     checksums: Checksums = None,
 ) -> DataSplits:
-    """Fashion-MNIST, official 60 Kalayeh & Shah / 10 Kalayeh & Shah split, files under ``root/fashion-mnist``."""
+    """Fashion-MNIST, official 60 000 / 10 000 split, files under ``root/fashion-mnist``."""
     arrays = read_mnist_like(data_root(root), "fashion-mnist", download, checksums)
     return _splits("fashion-mnist", arrays, 10)
 
@@ -301,7 +301,8 @@ def load_svhn(
 
 
 # ---------------------------------------------------------------------------------- multitask
-#: Deecke et al., Sec. 4.1's datasets in label-block order: labels 10·i .. 10·i + 9 belong to part i.
+#: The datasets of Deecke et al., Sec. 4.1 in label-block order: labels 10·i .. 10·i + 9 belong to
+#: part i.
 MULTITASK_PARTS = ("mnist", "cifar10", "svhn", "fashion-mnist")
 
 
@@ -330,12 +331,12 @@ def load_multitask(
     checksums: Checksums = None,
     max_per_part: int | None = None,
 ) -> DataSplits:
-    """The 40-way multi-task set of Deecke et al., Sec. 4.1: the official train/test splits of MNIST,
-    CIFAR-10, SVHN and Fashion-MNIST, each brought to 3×32×32 (:func:`to_rgb32`), labels offset by
-    10 per dataset in the order of :data:`MULTITASK_PARTS`. All parts are standardized together
-    (pooled training statistics), so their different image statistics are kept — that difference
-    is what the experiment is about. ``max_per_part`` keeps the first n train and test images of
-    each part (the full set is 243 257 train images, ≈ 3 GB as float32).
+    """The 40-way multi-task set of Deecke et al., Sec. 4.1: the official train/test splits of
+    MNIST, CIFAR-10, SVHN and Fashion-MNIST, each brought to 3×32×32 (:func:`to_rgb32`), labels
+    offset by 10 per dataset in the order of :data:`MULTITASK_PARTS`. All parts are standardized
+    together (pooled training statistics), so their different image statistics are kept — that
+    difference is what the experiment is about. ``max_per_part`` keeps the first n train and test
+    images of each part (the full set is 243 257 train images, ≈ 3 GB as float32).
     """
     r = data_root(root)
     readers = {

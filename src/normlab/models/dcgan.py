@@ -1,16 +1,15 @@
 """DCGAN generator and discriminator for 32×32 images (Kalayeh & Shah, Sec. 4.5).
 
-Kalayeh & Shah: "Its generator consists of one linear and four deconvolution layers. The first three
-deconvolution layers are separated from each other by batch normalization followed by ReLU."
-MN replaces "the batch normalization layers associated with the first two deconvolution layers",
-i.e. ``include=["deconv1.norm", "deconv2.norm"]`` on the generator. The layout follows the
-standard CIFAR DCGAN of the GAN-evaluation literature Kalayeh & Shah compare with (Miyato et al. 2018,
-"standard CNN"; z ∈ R^128, base width 512):
+Kalayeh & Shah: "Its generator consists of one linear and four deconvolution layers. The first
+three deconvolution layers are separated from each other by batch normalization followed by
+ReLU." MN replaces "the batch normalization layers associated with the first two deconvolution
+layers", i.e. ``include=["deconv1.norm", "deconv2.norm"]`` on the generator. The layout is the
+standard CIFAR DCGAN (Miyato et al. 2018, "standard CNN"; z ∈ R^128, base width 512); how it was
+chosen is in ``docs/models.md``.
 
 generator ``G``: ``project`` (linear z → 512·4·4, reshape, norm, ReLU) → ``deconv1`` (4×4/2, 256,
 norm, ReLU) → ``deconv2`` (128) → ``deconv3`` (64) → ``deconv4`` (3×3/1 conv to the image
-channels, tanh). The norm after the linear projection is the reference implementation's; Kalayeh & Shah do
-not mention it.
+channels, tanh).
 
 discriminator ``D``: ``conv1`` 3×3 (64, no norm) → ``conv2`` 4×4/2 (128) → ``conv3`` 3×3 (128) →
 ``conv4`` 4×4/2 (256) → ``conv5`` 3×3 (256) → ``conv6`` 4×4/2 (512) → ``conv7`` 3×3 (512), each
@@ -208,9 +207,16 @@ def dcgan(
     image_size: int = 32,
 ) -> nn.Module:
     """:class:`DCGAN` with ``g_norm`` in the generator and ``d_norm`` in the discriminator (each
-    defaults to ``norm``). Kalayeh & Shah's DCGAN-MN: ``g_norm="bn"`` then
-    ``normlab.convert(model, "mixture(k=3, em_iters=2)", include=["generator.deconv1.norm",
-    "generator.deconv2.norm"])``.
+    defaults to ``norm``).
+
+    Example (Kalayeh & Shah's DCGAN-MN)::
+
+        >>> gan = normlab.models.create("dcgan", 1, in_channels=3, g_norm="bn", d_norm="none")
+        >>> normlab.convert(gan, "mixture(k=3, em_iters=2)",
+        ...                 include=["generator.deconv1.norm", "generator.deconv2.norm"])
+        ['generator.deconv1.norm', 'generator.deconv2.norm']
+        >>> gan(torch.randn(4, 128)).shape
+        torch.Size([4, 3, 32, 32])
     """
     g = dcgan_generator(
         1, in_channels, norm if g_norm is None else g_norm, conv, z_dim, width, image_size

@@ -1,11 +1,12 @@
-"""DenseNet for CIFAR (Huang et al. 2017) as used in Kalayeh & Shah, Sec. 4.4: three dense blocks, two
-transition layers, growth rate 12, depth 40 or 100, basic (non-bottleneck) layers.
+"""DenseNet for CIFAR (G. Huang, Liu, van der Maaten & Weinberger 2017) as used in Kalayeh & Shah,
+Sec. 4.4: three dense blocks, two transition layers, growth rate 12, depth 40 or 100, basic
+(non-bottleneck) layers.
 
 Names: ``conv1`` (bare 3×3 stem conv), ``dense1`` / ``dense2`` / ``dense3`` with layers
 ``denseB.layerI`` (children ``norm``, ``act``, ``conv``: pre-activation), transitions ``trans1``,
 ``trans2`` (children ``norm``, ``act``, ``conv``, ``pool``) and ``final`` (``norm``, ``act``) before
-global average pooling and ``fc``. Kalayeh & Shah's MN placement ("the batch normalization layers of two
-transition layers and the last, after the third dense block") is
+global average pooling and ``fc``. Kalayeh & Shah's MN placement ("the batch normalization layers
+of two transition layers and the last, after the third dense block") is
 ``include=["trans*.norm", "final.norm"]``.
 """
 
@@ -28,7 +29,8 @@ from normlab.nn.registry import NormSpec, make_norm
 
 __all__ = ["DenseLayer", "densenet"]
 
-#: Kalayeh & Shah, Sec. 4.4's DenseNet placement of mixture normalization, as ``convert`` include patterns.
+#: The DenseNet placement of mixture normalization of Kalayeh & Shah, Sec. 4.4, as ``convert``
+#: include patterns.
 DENSENET_MN_PLACEMENT = ["trans*.norm", "final.norm"]
 
 
@@ -59,11 +61,18 @@ def densenet(
     norm → ReLU → 3×3 conv (``growth`` channels) concatenated to its input; transitions norm →
     ReLU → 1×1 conv (channels kept, no compression) → 2×2 average pool; final norm → ReLU →
     global average pool → ``fc``. The stem is a 3×3 conv with ``init_channels`` (default 16, as
-    for the basic DenseNets of Huang et al.; 2·growth is their choice for DenseNet-BC).
+    for the basic DenseNets of the DenseNet paper; 2·growth is its choice for DenseNet-BC).
 
-    DenseNet-40 (k = 12) ≈ 1.0M and DenseNet-100 (k = 12) ≈ 7.0M parameters (Huang et al. Table 2);
-    the last normalization sees 16 + 3·12·12 = 448 channels for depth 40 (Kalayeh & Shah, Sec. 5 / Table 7).
-    Kalayeh & Shah say "basic architectures", so no bottleneck layers and no compression.
+    DenseNet-40 (k = 12) ≈ 1.0M and DenseNet-100 (k = 12) ≈ 7.0M parameters (the DenseNet paper's
+    Table 2); the last normalization sees 16 + 3·12·12 = 448 channels for depth 40 (Kalayeh &
+    Shah, Sec. 5.1, Table 7). Basic layers only, no bottleneck and no compression (the reading is
+    in ``docs/models.md``).
+
+    Example::
+
+        >>> net = densenet(100, in_channels=3, depth=40, norm="bn")
+        >>> net.final.norm.num_features, net(torch.randn(2, 3, 8, 8)).shape
+        (448, torch.Size([2, 100]))
     """
     check_positive(depth, "depth", "densenet")
     check_positive(growth, "growth", "densenet")

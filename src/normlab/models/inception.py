@@ -1,9 +1,9 @@
 """Inception-V3 (Szegedy et al. 2016) adapted to CIFAR as in Kalayeh & Shah, Sec. 4.3.
 
-Kalayeh & Shah's modification: the first convolution has stride 1 instead of 2 and the first max-pool is
-removed, so the output stride is 8 and a 32×32 input ends as a 3×3 map before global average
-pooling. The rest is Inception-V3: three Inception blocks of 3, 4 and 2 layers separated by two
-grid-reduction modules.
+Kalayeh & Shah's modification: the first convolution has stride 1 instead of 2 and the first
+max-pool is removed, so the output stride is 8 and a 32×32 input ends as a 3×3 map before global
+average pooling. The rest is Inception-V3: three Inception blocks of 3, 4 and 2 layers separated by
+two grid-reduction modules.
 
 Names (Kalayeh & Shah, Table 4 notation → module name):
 
@@ -14,9 +14,9 @@ Names (Kalayeh & Shah, Table 4 notation → module name):
 * ``gap``, ``dropout``, ``fc``.
 
 Inside a module the branches are ``branch0``, ``branch1``, … and a branch's convolutions are
-numbered from 0 (a leading pool is ``pool``), so Kalayeh & Shah's "inc2/0/2/4" (the fifth norm of the third
-branch of the first layer of block 2) is ``inc2_0.branch2.4.norm``. Where a branch ends in two
-parallel convolutions (1×3 and 3×1 in ``inc3_*``), they are ``.a`` and ``.b`` of a split module.
+numbered from 0 (a leading pool is ``pool``), so Kalayeh & Shah's "inc2/0/2/4" (the fifth norm of
+the third branch of the first layer of block 2) is ``inc2_0.branch2.4.norm``. Where a branch ends in
+two parallel convolutions (1×3 and 3×1 in ``inc3_*``), they are ``.a`` and ``.b`` of a split module.
 Kalayeh & Shah replace "the last batch normalization in each branch" of a layer; use
 :meth:`InceptionV3CIFAR.branch_end_norms` to get those names as ``convert`` include patterns.
 """
@@ -76,10 +76,17 @@ class InceptionV3CIFAR(Named):
 
     def branch_end_norms(self, *layers: str) -> list[str]:
         """Qualified names of the last normalization of every branch of the given Inception/
-        reduction layers (Kalayeh & Shah, Table 4: "we only replace the last batch normalization in each
-        branch of the corresponding Inception layer"), e.g.::
+        reduction layers (Kalayeh & Shah, Table 4: "we only replace the last batch normalization
+        in each branch of the corresponding Inception layer").
 
-            normlab.convert(model, "mixture(k=3)", include=model.branch_end_norms("inc2_0", "inc3_0"))
+        Example::
+
+            >>> model = inception_v3_cifar(10, width=0.125)
+            >>> include = model.branch_end_norms("inc2_0", "inc3_0")
+            >>> include[:2]
+            ['inc2_0.branch0.0.norm', 'inc2_0.branch1.2.norm']
+            >>> normlab.convert(model, "mixture(k=3)", include=include) == include
+            True
         """
         names: list[str] = []
         for layer in layers:
@@ -115,8 +122,8 @@ def inception_v3_cifar(
     dropout: float = 0.2,
     pad_reductions: bool = False,
 ) -> nn.Module:
-    """Inception-V3 for 32×32 input (Kalayeh & Shah, Sec. 4.3), channel counts of Szegedy et al. (2016) times
-    ``width``; every convolution is conv + norm + ReLU (ConvNormAct).
+    """Inception-V3 for 32×32 input (Kalayeh & Shah, Sec. 4.3), channel counts of Szegedy et al.
+    (2016) times ``width``; every convolution is conv + norm + ReLU (ConvNormAct).
 
     Stem: conv1 3×3/1 (32) → conv2 3×3 (32) → conv3 3×3 (64) → [first max-pool removed] →
     conv4 1×1 (80) → conv5 3×3 (192) → ``pool`` 3×3/2 max. Then inc1_0..2 (pool features 32, 64,
@@ -124,12 +131,17 @@ def inception_v3_cifar(
     dropout, ``fc``. Without auxiliary classifier. With num_classes = 1000 it has exactly the
     parameter count of the reference Inception-V3 without its auxiliary head (23.83M).
 
-    Padding choice: Kalayeh & Shah state the final map is 3×3 for 32×32 input. The stem convolutions are
-    therefore "same"-padded while the max-pool and the two grid reductions are unpadded
-    (32 → 15 → 7 → 3); with the reference "valid" stem it would end at 2×2. ``pad_reductions=True``
-    pads those three stride-2 steps as well (32 → 16 → 8 → 4; 8 → 4 → 2 → 1), which lets 8×8 inputs
-    through. ``dropout`` before ``fc`` is 0.2 as in the reference TF-slim model (Kalayeh & Shah do not say).
-    Minimum input side: 15 (4 with ``pad_reductions``).
+    Padding: the stem convolutions are "same"-padded, the max-pool and the two grid reductions
+    unpadded (32 → 15 → 7 → 3), so a 32×32 input ends as the 3×3 map Kalayeh & Shah state.
+    ``pad_reductions=True`` pads those three stride-2 steps as well (32 → 16 → 8 → 4;
+    8 → 4 → 2 → 1), which lets 8×8 inputs through. ``dropout`` before ``fc`` defaults to 0.2.
+    Minimum input side: 15 (4 with ``pad_reductions``). Why these choices: ``docs/models.md``.
+
+    Example::
+
+        >>> net = inception_v3_cifar(10, width=0.125, pad_reductions=True)
+        >>> net(torch.randn(2, 3, 8, 8)).shape, len(net.branch_end_norms("inc2_0"))
+        (torch.Size([2, 10]), 4)
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"inception_v3_cifar: dropout must be in [0, 1), got {dropout!r}")

@@ -1,4 +1,5 @@
-"""Model registry: ``create(name, num_classes, in_channels, norm, conv, **kw)``."""
+"""Model registry: ``create(name, num_classes, in_channels, norm, conv, **kw)`` builds a paper
+architecture by name with a norm spec and a conv spec; :func:`register_model` adds one."""
 
 from __future__ import annotations
 
@@ -29,11 +30,18 @@ def register_model(name: str, description: str) -> Callable[[ModelFactory], Mode
 
 
 def available_models() -> list[str]:
-    """Names accepted by :func:`create`, in registration order."""
+    """Names accepted by :func:`create`, in registration order.
+
+    Example::
+
+        >>> {"small_cnn", "cifar_cnn", "resnet_cifar", "densenet", "vgg"} <= set(available_models())
+        True
+    """
     return list(_MODELS)
 
 
 def model_descriptions() -> dict[str, str]:
+    """Registered names mapped to a one-line description (the paper and section they follow)."""
     return {k: d for k, (_, d) in _MODELS.items()}
 
 
@@ -51,6 +59,22 @@ def create(
     :func:`normlab.models._blocks.parse_conv`; MLPs apply it to their hidden linear layers).
     ``kw`` are the model's own knobs (``width``, ``depth``, ``growth``, ...); unknown names raise
     ``ValueError`` listing the valid ones, and so does a bad conv spec (naming the key and value).
+
+    Args:
+        name: a name of :func:`available_models`.
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images.
+        norm: the norm spec of every normalization slot (see :func:`normlab.make_norm`).
+        conv: the conv spec of every convolution.
+        **kw: the model's own keyword arguments.
+
+    Example::
+
+        >>> net = create("small_cnn", 10, in_channels=1, norm="gn(num_groups=4)", conv="ws")
+        >>> type(net.conv1.norm).__name__, type(net.conv1.conv).__name__
+        ('GroupNorm', 'WSConv2d')
+        >>> net(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
     """
     if not isinstance(name, str) or name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(_MODELS)}")

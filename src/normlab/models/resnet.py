@@ -1,5 +1,6 @@
-"""Residual networks for 32×32 input: ``resnet_cifar`` (He et al. 2016, depth 6n+2; Deecke et al., Sec. 4.2,
-Qiao et al.), ``resnet18_cifar`` (Qiao et al., Table 8) and ``wrn`` (Zagoruyko & Komodakis, WRN-d-k; Huang et al., Sec. 5.2).
+"""Residual networks for 32×32 input: ``resnet_cifar`` (He et al. 2016, depth 6n+2; Deecke et al.,
+Sec. 4.2, Qiao et al.), ``resnet18_cifar`` (Qiao et al., Table 8) and ``wrn``
+(Zagoruyko & Komodakis, WRN-d-k; Huang et al., Sec. 5.2).
 
 Names: the stem is ``conv1`` (a ConvNormAct; a bare conv ``conv1`` for the pre-activation WRN),
 stages ``layer1``, ``layer2``, … of blocks ``layerS.B``; a post-activation basic block has
@@ -119,8 +120,14 @@ def resnet_cifar(
 
     ``shortcut="A"`` (default) is the original parameter-free zero-padding shortcut, giving
     ResNet-20 ≈ 0.27M, ResNet-56 ≈ 0.85M, ResNet-110 ≈ 1.7M parameters; ``"B"`` uses 1×1
-    conv + norm projections (then a norm sits on the shortcut as well). Deecke et al. use depths 20 and 56;
-    Qiao et al. use 110 (and 20/56 in its CIFAR tables). ``width`` scales the channels.
+    conv + norm projections (then a norm sits on the shortcut as well). Deecke et al. use depths
+    20 and 56, Qiao et al. 110. ``width`` scales the channels.
+
+    Example::
+
+        >>> net = resnet_cifar(10, depth=20, norm="gn(num_groups=4)", conv="ws")
+        >>> len(net.layer2), type(net.layer2[0].conv1.conv).__name__
+        (3, 'WSConv2d')
     """
     check_positive(depth, "depth", "resnet_cifar")
     if (depth - 2) % 6:
@@ -159,6 +166,12 @@ def resnet18_cifar(
     ``layer1..layer4`` of two basic blocks with 64, 128, 256, 512 channels (stride 2 from stage 2),
     1×1-projection (option B) shortcuts, global average pool, ``fc``. ≈ 11.17M parameters.
     ``blocks`` gives other depths (e.g. ``(1, 1, 1, 1)`` for a quick test).
+
+    Example (Qiao et al., Table 8: BCN with WS, micro-batch training)::
+
+        >>> net = resnet18_cifar(10, norm="bcn(micro_batch=true, rate=0.1)", conv="ws", width=0.125)
+        >>> net(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
     """
     blocks = tuple(blocks)
     if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
@@ -230,9 +243,14 @@ def wrn(
     three stages ``layer1..layer3`` of n = (depth − 4)/6 :class:`WideBlock` s with 16k, 32k, 64k
     channels, a final ``final`` (norm + ReLU), global average pool, ``fc``.
 
-    WRN-28-10 ≈ 36.5M parameters. ``dropout`` between the two convolutions of a block (0.3 in some
-    WRN runs; Huang et al. follow the WRN setup without saying, default 0). ``widen`` may be fractional for
-    reduced test models.
+    WRN-28-10 ≈ 36.5M parameters. ``dropout`` is applied between the two convolutions of a block
+    (default 0; see ``docs/models.md``). ``widen`` may be fractional for reduced test models.
+
+    Example::
+
+        >>> net = wrn(10, depth=16, widen=0.5)
+        >>> net(torch.randn(2, 3, 8, 8)).shape, net.final.norm.num_features
+        (torch.Size([2, 10]), 32)
     """
     check_positive(depth, "depth", "wrn")
     if (depth - 4) % 6:

@@ -1,6 +1,7 @@
-"""The papers' small networks: ``small_cnn`` (quickstart), ``cifar_cnn`` (Kalayeh & Shah, Table 1), ``lenet``
-(Deecke et al., Sec. 4.1), ``nin`` (Deecke et al., Sec. 4.2), ``cnn3`` (Collins et al., App. A.1), ``mlp`` (Collins et al., App. A.2, Huang et al., Fig. 3) and
-``convnet4`` (Qiao et al., Sec. 6.1.3).
+"""The papers' small networks: ``small_cnn`` (quickstart), ``cifar_cnn`` (Kalayeh & Shah, Table 1),
+``lenet`` (Deecke et al., Sec. 4.1), ``nin`` (Deecke et al., Sec. 4.2), ``cnn3`` (Collins et al.,
+App. A.1), ``mlp`` (Collins et al., App. A.2; Huang et al., Fig. 3) and ``convnet4`` (Qiao et al.,
+Sec. 6.1.3). Where a paper leaves the architecture open, the reading is in ``docs/models.md``.
 
 Every convolution block is a :class:`~normlab.models.ConvNormAct` named ``conv1``, ``conv2``, … at
 the top level, so ``normlab.convert(model, spec, include="conv3.*")`` reaches the norm after the
@@ -51,6 +52,12 @@ def small_cnn(
     average pool → ``fc``. Channel counts are multiplied by ``width``.
 
     Shape: ``(N, in_channels, H, W)`` with H, W ≥ 2 -> ``(N, num_classes)``.
+
+    Example::
+
+        >>> net = small_cnn(10, in_channels=1, norm="bcn", conv="ws")
+        >>> [name for name, _ in net.named_children()][:4], net(torch.randn(4, 1, 8, 8)).shape
+        (['conv1', 'conv2', 'pool2', 'conv3'], torch.Size([4, 10]))
     """
     c1, c2 = scaled(32, width), scaled(64, width)
     net = Named(
@@ -89,11 +96,18 @@ def cifar_cnn(
     fc      linear                        num_classes
     ======  ====================  ======  ================
 
-    Table 1 lists the max-pools as "(2, 0)" yet halves 32 → 16 → 8 → 4, which is TensorFlow's
-    SAME padding; that is ``padding=1`` here (max-pool pads with −∞). ``pool4`` is the 4×4 average
-    pool of the table written as a global average pool (identical on 32×32 input, and it lets the
-    net run on 8×8 digits). Channels are multiplied by ``width``. MN-1..4 of Kalayeh & Shah, Table 2 replace
+    The max-pools use ``padding=1`` (TensorFlow's SAME: 32 → 16 → 8 → 4) and ``pool4`` is a
+    global average pool (identical to the table's 4×4 pool on 32×32 input; it also runs on 8×8
+    digits). Channels are multiplied by ``width``. MN-1..4 of Kalayeh & Shah, Table 2 replace
     ``conv3.norm``.
+
+    Example::
+
+        >>> net = cifar_cnn(10, norm="bn")
+        >>> normlab.convert(net, "mixture(k=3, em_iters=2)", include="conv3.*")  # MN-1
+        ['conv3.norm']
+        >>> net(torch.randn(4, 3, 8, 8)).shape
+        torch.Size([4, 10])
     """
     c = [scaled(v, width) for v in (64, 128, 128, 256)]
     net = Named(
@@ -127,11 +141,16 @@ def lenet(
     """LeNet-5 (LeCun et al.) as used for the multi-task experiment of Deecke et al., Sec. 4.1.
 
     conv1 (6, 5×5) → pool1 (2×2 max) → conv2 (16, 5×5) → pool2 → fc1 (120) → fc2 (84) → ``fc``
-    (``num_classes``, 40 in Deecke et al.). Deecke et al. do not list the layers; this is the classic LeNet-5 with a
-    norm slot after each convolution (``fc_norm=True`` also puts one after fc1/fc2, as
-    ``fc1.norm``/``fc2.norm``). ``image_size`` (square input side, 32 in Deecke et al.) sizes the first
-    linear layer; ``padding=2`` keeps the convolutions "same" so 8×8 digits fit
-    (8 → 4 → 2, flattening 16·2·2).
+    (``num_classes``, 40 in Deecke et al.): the classic LeNet-5 with a norm slot after each
+    convolution (``fc_norm=True`` also puts one after fc1/fc2, as ``fc1.norm``/``fc2.norm``).
+    ``image_size`` (square input side, 32 in Deecke et al.) sizes the first linear layer;
+    ``padding=2`` keeps the convolutions "same" so 8×8 digits fit (8 → 4 → 2, flattening 16·2·2).
+
+    Example::
+
+        >>> net = lenet(40, in_channels=3, norm="mode(k=2)", image_size=32)
+        >>> net(torch.randn(4, 3, 32, 32)).shape
+        torch.Size([4, 40])
     """
     check_positive(image_size, "image_size", "lenet")
     c1, c2 = scaled(6, width), scaled(16, width)
@@ -177,9 +196,14 @@ def nin(
     conv4 (192, 5×5) conv5 (192, 1×1) conv6 (192, 1×1) → pool2 (3×3/2 avg) → drop2 →
     conv7 (192, 3×3) conv8 (192, 1×1) conv9 (num_classes, 1×1) → global average pool.
 
-    The last "mlpconv" layer produces the class maps; as in the original it is followed by its
-    norm and ReLU before the global average pool (ReLU logits are the original design).
-    Pools use padding 1 (Caffe's ceil mode: 32 → 16 → 8). About 0.97M parameters.
+    The last "mlpconv" layer produces the class maps and, as in the original, is followed by its
+    norm and ReLU before the global average pool. Pools use padding 1 (Caffe's ceil mode:
+    32 → 16 → 8). About 0.97M parameters.
+
+    Example::
+
+        >>> nin(10)(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 10])
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"nin: dropout must be in [0, 1), got {dropout!r}")
@@ -219,13 +243,17 @@ def cnn3(
     width: float = 1.0,
     image_size: int = 28,
 ) -> nn.Module:
-    """The MNIST CNN of Collins et al., App. A.1: conv1 (32), conv2 (16), conv3 (8), each 5×5 with stride 2
-    (padding 2) and ReLU, then a linear classifier ``fc`` on the flattened features.
+    """The MNIST CNN of Collins et al., App. A.1: conv1 (32), conv2 (16), conv3 (8), each 5×5 with
+    stride 2 (padding 2) and ReLU, then a linear classifier ``fc`` on the flattened last feature
+    map (28 → 14 → 7 → 4, so 8·4·4 = 128 features; ``image_size`` sizes it, 8 for the digits:
+    8 → 4 → 2 → 1). With ``norm="none"`` this is the network trained with the standardization
+    loss; the norm slots sit on the pre-activations the loss is computed on.
 
-    Collins et al. do not say how the logits are produced; a linear layer on the flattened last feature map
-    (28 → 14 → 7 → 4, so 8·4·4 = 128 features) is the plain reading. ``image_size`` sizes it (8 for
-    the digits: 8 → 4 → 2 → 1). With ``norm="none"`` this is the network trained with the
-    standardization loss; the norm slots sit on the pre-activations the loss is computed on.
+    Example::
+
+        >>> net = cnn3(10, in_channels=1, norm="none", image_size=28)
+        >>> net.fc.in_features, net(torch.randn(2, 1, 28, 28)).shape
+        (128, torch.Size([2, 10]))
     """
     check_positive(image_size, "image_size", "cnn3")
     c = [scaled(v, width) for v in (32, 16, 8)]
@@ -261,13 +289,18 @@ def mlp(
     """Multi-layer perceptron: flatten → ``depth`` hidden blocks ``layer1..layerD`` (children
     ``fc``, ``norm``, ``act``; ``hidden`` units, ReLU) → classifier ``fc``.
 
-    Collins et al., App. A.2: "3 layers with 100 units per layer" → ``depth=3``. Huang et al., Fig. 3: "a 4-layer MLP … the
-    number of neurons in each hidden layer is 100" → read the same way as four hidden layers,
-    ``depth=4`` (the paper is ambiguous whether the output layer is counted; ``depth=3`` is the
-    other reading). The norms see ``(N, hidden)`` input. Input size is ``in_features`` or
+    Collins et al., App. A.2 ("3 layers with 100 units per layer") is ``depth=3``; Huang et al.,
+    Fig. 3 ("a 4-layer MLP") is read as ``depth=4`` (``docs/models.md``). The norms see
+    ``(N, hidden)`` input. Input size is ``in_features`` or
     ``in_channels * image_size**2``. A ``"ws"`` conv spec (``conv="ws"``,
     ``"ws(center=false)"``, ...) makes the hidden linear layers :class:`normlab.WSLinear` with its
     ``eps``/``center``/``scale`` (an MLP has no convolution; the classifier stays plain).
+
+    Example::
+
+        >>> net = mlp(10, in_channels=1, image_size=8, depth=3, hidden=100, norm="iternorm")
+        >>> [n for n, _ in net.named_children()], net(torch.randn(16, 1, 8, 8)).shape
+        (['flatten', 'layer1', 'layer2', 'layer3', 'fc'], torch.Size([16, 10]))
     """
     check_positive(depth, "depth", "mlp")
     check_positive(hidden, "hidden", "mlp")
@@ -297,10 +330,17 @@ def convnet4(
     width: float = 1.0,
     pool: bool = True,
 ) -> nn.Module:
-    """The 4-layer network of Qiao et al., Sec. 6.1.3 (Fig. 5): conv1..conv4, each 32 channels (3×3, the
-    kernel size is not stated) + norm + ReLU and followed by a 2× average pool ``pool1..pool4``;
-    then global average pool and ``fc``. ``pool=False`` drops the four pools (for inputs smaller
-    than 16×16, e.g. the 8×8 digits, whose side would otherwise shrink to 0).
+    """The 4-layer network of Qiao et al., Sec. 6.1.3 (Fig. 5): conv1..conv4, each 32 channels
+    (3×3; the paper does not state the kernel size) + norm + ReLU and followed by a 2× average
+    pool ``pool1..pool4``; then global average pool and ``fc``. ``pool=False`` drops the four
+    pools (for inputs smaller than 16×16, e.g. the 8×8 digits, whose side would otherwise shrink
+    to 0).
+
+    Example (Qiao et al., Fig. 5: every channel normalized to fixed random statistics)::
+
+        >>> net = convnet4(10, norm="fixedstats(sigma_mu=1.0, sigma_sigma=0.5)")
+        >>> net(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     c = scaled(32, width)
     layers: list[tuple[str, nn.Module]] = []

@@ -1,9 +1,9 @@
-"""VGG networks for 32×32 input (Simonyan & Zisserman 2015): VGG13 of Deecke et al., Sec. 4.2 and the
-16-convolution, 1-linear VGG of Huang et al., Sec. 5.1 (``depth=19``).
+"""VGG networks for 32×32 input (Simonyan & Zisserman 2015): VGG13 of Deecke et al., Sec. 4.2 and
+the 16-convolution, 1-linear VGG of Huang et al., Sec. 5.1 (``depth=19``).
 
-Convolutions are numbered ``conv1..convN`` in order and max-pools ``pool1..pool5``; Deecke et al.'s layer
-names map as "conv3-64-1" → ``conv1`` (the first 3×3, 64-channel conv), "conv3-256-1" → the first
-256-channel conv (``conv5`` in VGG13).
+Convolutions are numbered ``conv1..convN`` in order and max-pools ``pool1..pool5``; Deecke et
+al.'s layer names map as "conv3-64-1" → ``conv1`` (the first 3×3, 64-channel conv),
+"conv3-256-1" → the first 256-channel conv (``conv5`` in VGG13).
 """
 
 from __future__ import annotations
@@ -48,11 +48,19 @@ def vgg(
     """VGG-``depth`` with a norm after every 3×3 convolution (ConvNormAct ``conv1..convN``), five
     2×2 max-pools ``pool1..pool5`` and one linear classifier ``fc`` on the 512 pooled features.
 
-    CIFAR VGGs replace the three ImageNet fully-connected layers by one linear layer; Huang et al. state
-    "16 convolution layers and 1 fully-connected layer" (``depth=19``). The supplementary material
-    with Huang et al.'s exact layer list is not available, so configuration E is assumed. The pools use
-    ``ceil_mode`` and a global average pool precedes ``fc``: identical on 32×32 input (the map is
-    already 1×1) and it lets 8×8 inputs pass. ``width`` scales the channels.
+    CIFAR VGGs replace the three ImageNet fully-connected layers by one linear layer. Huang et
+    al.'s "16 convolution layers and 1 fully-connected layer" is ``depth=19``, configuration E
+    (``docs/models.md``). The pools use ``ceil_mode`` and a global average pool precedes ``fc``:
+    identical on 32×32 input (the map is already 1×1) and it lets 8×8 inputs pass. ``width``
+    scales the channels.
+
+    Example::
+
+        >>> net = vgg(10, depth=19, width=0.125)
+        >>> sum(name.startswith("conv") for name, _ in net.named_children())
+        16
+        >>> net(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 10])
     """
     check_positive(depth, "depth", "vgg")
     if depth not in VGG_CONFIGS:

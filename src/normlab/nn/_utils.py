@@ -24,7 +24,8 @@ __all__ = [
 
 
 def check_input(x: Tensor, num_features: int, layer: str) -> None:
-    """Raise ``ValueError`` unless ``x`` is ``(N, C)`` or ``(N, C, *)`` with ``C == num_features``."""
+    """Raise ``ValueError`` (``TypeError`` for a non-tensor or non-float input) unless ``x`` is
+    ``(N, C)`` or ``(N, C, *)`` with ``C == num_features``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() < 2:
@@ -49,12 +50,14 @@ def check_positive_int(value: object, name: str, layer: str, minimum: int = 1) -
 
 
 def check_eps(eps: object, layer: str) -> float:
+    """Validate a positive ``eps`` and return it as a float."""
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
         raise ValueError(f"{layer}: eps must be a positive number, got {eps!r}")
     return float(eps)
 
 
 def check_momentum(momentum: object, layer: str) -> float:
+    """Validate a momentum in [0, 1] and return it as a float."""
     if (
         isinstance(momentum, bool)
         or not isinstance(momentum, int | float)
@@ -65,7 +68,8 @@ def check_momentum(momentum: object, layer: str) -> float:
 
 
 def channel_view(v: Tensor, ndim: int) -> Tensor:
-    """Reshape a per-channel vector ``(C,)`` to broadcast against a ``ndim``-D channel-first tensor."""
+    """Reshape a per-channel vector ``(C,)`` to broadcast against a ``ndim``-D channel-first
+    tensor."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
@@ -75,7 +79,8 @@ def stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def to_points(x: Tensor) -> Tensor:
-    """``(N, C, *)`` -> ``(m, C)`` with ``m = N * prod(*)``: one C-dimensional point per position."""
+    """``(N, C, *)`` -> ``(m, C)`` with ``m = N * prod(*)``: one C-dimensional point per
+    position."""
     if x.dim() == 2:
         return x
     c = x.shape[1]

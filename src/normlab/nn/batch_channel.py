@@ -14,35 +14,23 @@ positions, with a per-*group* affine (γ^c_g, β^c_g) (Qiao et al., Eq. 42)
 How μ̂_c, σ̂_c are obtained gives the two modes (Qiao et al., Sec. 7.2):
 
 * **large batch** (Sec. 7.2.1, Eq. 43 ``BCN(X) = CN(BN(X))``): μ̂, σ̂² are the batch statistics,
-  exactly batch normalization — running statistics with PyTorch's momentum convention, eval uses
-  them;
+  exactly batch normalization, with running statistics for eval (PyTorch's momentum convention);
 * **micro batch** (Sec. 7.2.2, Algorithm 1): μ̂, σ̂² are *estimates*, initialised to 0 and 1 and
-  moved towards the batch's statistics at rate r (the optimizer's current learning rate) at every
-  training step; the layer normalizes with the updated estimates, which carry no gradient.
+  moved towards the batch's statistics at rate r (the optimizer's current learning rate, set
+  with :func:`set_bcn_rate`) at every training step; the layer normalizes with the updated
+  estimates, which carry no gradient:
 
-Reading of Algorithm 1 (the text file drops the minus signs; these are the only sensible ones):
+  .. math::  \hat\mu_c \leftarrow \hat\mu_c + r(\dot\mu_c - \hat\mu_c), \qquad
+             \hat\sigma^2_c \leftarrow \hat\sigma^2_c + r(\dot\sigma^2_c - \hat\sigma^2_c),
 
-1. μ̇_c = (1/BHW) Σ X_{b,c,h,w};
-2. σ̇²_c = (1/BHW) Σ (X_{b,c,h,w} − μ̂_c)² with the estimate μ̂_c *before* step 3 — a second moment
-   around the old estimate, not the batch variance (it equals Var_batch + (μ̇_c − μ̂_c)²);
-3. μ̂_c ← μ̂_c + r (μ̇_c − μ̂_c);
-4. σ̂²_c ← σ̂²_c + r (σ̇²_c − σ̂²_c)  (the algorithm tracks the *variance*; σ̂_c = √σ̂²_c);
-5. normalize with the updated μ̂_c and σ̂_c = √(σ̂²_c + ε).
+  with :math:`\dot\mu_c` the batch mean and :math:`\dot\sigma^2_c` the batch's second moment
+  around the estimate *before* the update (:func:`micro_batch_estimates`).
 
-The paper writes no ε; we put it inside the square root as BN and GN do (Eq. 42's σ_bg also gets
-√(var + ε)), so a zero variance estimate cannot divide by zero. r must lie in [0, 1] — outside that
-range step 4 can make σ̂² negative. Both modes keep the estimates in the buffers ``running_mean`` /
-``running_var`` (so ``state_dict`` keys are BatchNorm's and the eval path is shared); ``momentum``
-is used only in large-batch mode and ``rate`` only in micro-batch mode.
-
-If ``micro_batch=True`` and no rate has been set when a training forward runs, the layer raises
-``RuntimeError`` rather than guessing a default: the paper ties r to the learning rate, so call
-:func:`set_bcn_rate` with the optimizer before each step (or pass ``rate=`` for a fixed rate).
-
-Synchronised (issue 9, :func:`normlab.sync_stats`): in large-batch mode the batch part uses
-statistics of all processes' samples (:func:`normlab.nn.standard.batch_norm_from_sums`); in
-micro-batch mode μ̇ and σ̇² of Algorithm 1 come from all-reduced :func:`channel_sums` (the
-estimates stay identical on every process, given the same r). The channel part is per sample.
+Both square roots are :math:`\sqrt{\text{var} + \epsilon}`. Both modes keep the estimates in the
+buffers ``running_mean`` / ``running_var`` (BatchNorm's ``state_dict`` keys). Under
+:func:`normlab.sync_stats` the batch statistics (large batch) and :math:`\dot\mu, \dot\sigma^2`
+(micro batch) are those of all processes; the channel part is per sample. The reading of
+Algorithm 1 and the choices where the paper is silent are in ``docs/methods/bcn.md``.
 """
 
 from __future__ import annotations
@@ -92,13 +80,32 @@ def channel_group_norm(
     group_bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Channel part of BCN (Qiao et al., Eq. 42): group normalization of each sample with a per-GROUP
-    affine ``group_weight``/``group_bias`` of shape (G,).
+    r"""Channel part of BCN (Qiao et al., Eq. 42): group normalization of each sample with a
+    per-*group* affine.
 
-    Implemented as ``F.group_norm`` with the per-group parameters repeated to per-channel ones
-    (gradients flow back to the (G,) parameters).
+    .. math::  y_{bg\cdots} = \gamma^c_g\,\frac{x_{bg\cdots} - \mu_{bg}}{\sqrt{\sigma^2_{bg}
+               + \epsilon}} + \beta^c_g
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same; C must be a multiple of ``num_groups``.
+    Computed as ``F.group_norm`` with the per-group parameters repeated to per-channel ones
+    (gradients flow back to the ``(G,)`` parameters).
+
+    Args:
+        x: the input.
+        num_groups: G; must divide the channel count C.
+        group_weight: γ^c of shape ``(G,)``, or ``None`` for 1.
+        group_bias: β^c of shape ``(G,)``, or ``None`` for 0.
+        eps: added to the group variances.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> x = torch.randn(4, 8, 5, 5)
+        >>> y = channel_group_norm(x, 2, torch.full((2,), 3.0), torch.zeros(2))
+        >>> y.shape, round(float(y[0, :4].std(correction=0)), 2)
+        (torch.Size([4, 8, 5, 5]), 3.0)
     """
     c = x.shape[1]
     per = c // num_groups
@@ -110,14 +117,34 @@ def channel_group_norm(
 def micro_batch_estimates(
     x: Tensor, mean: Tensor, var: Tensor, rate: float | Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Steps 1–4 of Qiao et al., Algorithm 1: the updated estimates (μ̂, σ̂²) after seeing batch ``x``.
+    r"""Steps 1–4 of Qiao et al., Algorithm 1: the estimates (μ̂, σ̂²) after seeing batch ``x``.
 
-    ``σ̇²`` is the second moment of ``x`` around the PRE-update estimate ``mean``, computed from
-    :func:`normlab.nn.stats.channel_sums` as ``Var_batch + (μ̇ − μ̂)²`` (which equals
-    ``mean((X − μ̂)²)`` and avoids cancelling the large terms of the expanded square). Pure and
-    gradient-free: returns new tensors, ``x`` is detached.
+    .. math::  \dot\mu_c = \overline{x_c}, \quad
+               \dot\sigma^2_c = \overline{(x_c - \hat\mu_c)^2}
+                              = \operatorname{Var}(x_c) + (\dot\mu_c - \hat\mu_c)^2, \quad
+               \hat\mu_c \leftarrow \hat\mu_c + r(\dot\mu_c - \hat\mu_c), \quad
+               \hat\sigma^2_c \leftarrow \hat\sigma^2_c + r(\dot\sigma^2_c - \hat\sigma^2_c)
 
-    Shape: ``x`` is ``(N, C)`` or ``(N, C, *)``; ``mean``, ``var`` are ``(C,)``; returns two ``(C,)``.
+    with averages over every dimension but 1 and :math:`\hat\mu_c` the estimate *before* the
+    update. The sums come from :func:`normlab.nn.stats.channel_sums` (all-reduced under
+    :func:`normlab.sync_stats`). Pure and gradient-free: ``x`` is detached and new tensors are
+    returned.
+
+    Args:
+        x: the batch.
+        mean: the current estimate μ̂, ``(C,)``.
+        var: the current estimate σ̂², ``(C,)``.
+        rate: the update rate r in [0, 1] (Qiao et al., Sec. 7.2.2: the learning rate).
+
+    Shape:
+        - Input: ``x`` ``(N, C)`` or ``(N, C, *)``; ``mean``, ``var`` ``(C,)``
+        - Output: two ``(C,)`` tensors, in the dtypes of ``mean`` and ``var``
+
+    Example::
+
+        >>> x = torch.tensor([[1.0], [3.0]])  # one channel: batch mean 2, variance 1
+        >>> micro_batch_estimates(x, torch.zeros(1), torch.ones(1), rate=0.5)
+        (tensor([1.]), tensor([3.]))
     """
     sums = channel_sums(x.detach())
     mu_dot, batch_var = sums.mean_var()
@@ -143,20 +170,40 @@ def batch_channel_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Batch-Channel Normalization, Qiao et al., Eq. 40 then Eq. 42.
+    r"""Batch-Channel Normalization, Qiao et al., Eq. 40–42: the batch part, then
+    :func:`channel_group_norm`.
 
-    With ``use_batch_stats=True`` the batch part is batch normalization with the batch's
-    statistics (large-batch BCN, Eq. 43); ``mean``/``var`` (if given) are running statistics that
-    are updated in place exactly as ``F.batch_norm`` does. With ``use_batch_stats=False`` the batch
-    part normalizes with the given ``mean``/``var`` as constants (eval, or micro-batch BCN with the
-    estimates of :func:`micro_batch_estimates`). ``weight``/``bias`` are the per-channel (γ^b, β^b),
-    ``group_weight``/``group_bias`` the per-group (γ^c, β^c).
+    .. math::  y = \operatorname{CN}\Bigl(\gamma^b\,\frac{x - \hat\mu}{\sqrt{\hat\sigma^2
+               + \epsilon}} + \beta^b\Bigr)
+
+    Args:
+        x: the input.
+        mean, var: per-channel statistics ``(C,)`` or ``None``. With ``use_batch_stats=True``
+            they are running statistics, updated in place exactly as ``F.batch_norm`` does
+            (large-batch BCN, Eq. 43); with ``use_batch_stats=False`` they are the constants the
+            batch part normalizes with (eval, or micro-batch BCN with the estimates of
+            :func:`micro_batch_estimates`).
+        weight, bias: the per-channel affine γ^b, β^b ``(C,)`` (or ``None``).
+        group_weight, group_bias: the per-group affine γ^c, β^c ``(G,)`` (or ``None``).
+        num_groups: G of the channel part.
+        use_batch_stats: normalize the batch part with the batch's own statistics.
+        momentum: running-statistics momentum (PyTorch convention).
+        eps: added to the variances inside both square roots.
 
     Inside a reduction scope (:func:`normlab.sync_stats`) the batch statistics of the large-batch
-    mode are those of all processes (:func:`normlab.nn.standard.batch_norm_from_sums`); the
-    channel part is per sample and needs no synchronisation.
+    mode are those of all processes (:func:`normlab.nn.standard.batch_norm_from_sums`).
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 4, 4)
+        >>> rm, rv = torch.zeros(16), torch.ones(16)
+        >>> y = batch_channel_norm(x, rm, rv, None, None, None, None, num_groups=4)
+        >>> y.shape, bool(rm.abs().sum() > 0)  # the running mean moved
+        (torch.Size([8, 16, 4, 4]), True)
     """
     if use_batch_stats and current_group() is not None:
         xb = batch_norm_from_sums(x, mean, var, weight, bias, momentum, eps)
@@ -171,26 +218,47 @@ def batch_channel_norm(
     "with a per-group affine; micro_batch=true uses estimates updated at the learning rate",
 )
 class BCNorm(nn.Module):
-    r"""Batch-Channel Normalization (Qiao et al., Sec. 7): BN (per-channel affine) then GN (per-group affine).
+    r"""Batch-Channel Normalization (Qiao et al., Sec. 7): batch normalization with a per-channel
+    affine, then group normalization of each sample with a per-group affine (Eq. 40–42).
+
+    .. math::  y = \operatorname{CN}\Bigl(\gamma^b\,\frac{x - \hat\mu}{\sqrt{\hat\sigma^2
+               + \epsilon}} + \beta^b\Bigr)
+
+    In large-batch mode μ̂, σ̂² are the batch statistics in training and the running statistics in
+    eval (Eq. 43). In micro-batch mode (Algorithm 1) they are estimates moved towards each
+    training batch's statistics at rate r (:func:`micro_batch_estimates`), used in training and
+    eval alike; a training forward without a rate raises ``RuntimeError``.
 
     Args:
         num_features: C, the number of channels.
-        num_groups: G for the channel part. ``None`` means ``min(32, C // 4)`` (Qiao et al., Sec. 8.2); when
-            that does not divide C, the largest divisor of C below it
+        num_groups: G for the channel part. ``None`` means ``min(32, C // 4)`` (Qiao et al.,
+            Sec. 8.2), or the largest divisor of C below it
             (:func:`normlab.nn.standard.default_num_groups`). An explicit value must divide C.
         eps: added to the variances inside both square roots.
         momentum: running-statistics momentum of the large-batch mode (PyTorch convention
             ``running = (1 - momentum) * running + momentum * batch``); unused in micro-batch mode.
         micro_batch: use Algorithm 1 (estimates updated at rate r) instead of batch statistics.
-        rate: the update rate r of micro-batch mode, normally set every step to the learning rate
-            with :func:`set_bcn_rate` (Qiao et al., Sec. 7.2.2) or :meth:`set_rate`; must be in [0, 1].
+        rate: the update rate r of micro-batch mode in [0, 1], normally set before every step to
+            the learning rate with :func:`set_bcn_rate` (Qiao et al., Sec. 7.2.2) or
+            :meth:`set_rate`.
 
     Parameters: ``weight``, ``bias`` (C,) = γ^b, β^b; ``group_weight``, ``group_bias`` (G,) = γ^c,
     β^c. Buffers: ``running_mean`` (μ̂, init 0), ``running_var`` (σ̂², init 1),
     ``num_batches_tracked``.
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same. Micro-batch mode trains with N = 1; large-batch
-    training needs more than one value per channel, as BatchNorm does.
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``; micro-batch mode trains with N = 1, large-batch
+          training needs more than one value per channel, as BatchNorm does
+        - Output: same shape as the input
+
+    Example::
+
+        >>> bcn = BCNorm(64, micro_batch=True)
+        >>> opt = torch.optim.SGD(bcn.parameters(), lr=0.1)
+        >>> set_bcn_rate(bcn, opt)  # r = the learning rate, before every step
+        1
+        >>> bcn(torch.randn(1, 64, 8, 8)).shape
+        torch.Size([1, 64, 8, 8])
     """
 
     sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
@@ -284,12 +352,25 @@ class BCNorm(nn.Module):
 
 
 def set_bcn_rate(model: nn.Module, optimizer_or_rate: torch.optim.Optimizer | float) -> int:
-    """Set the micro-batch update rate r of every :class:`BCNorm` in ``model`` (Qiao et al., Sec. 7.2.2:
-    r is the learning rate of the trainable parameters).
+    """Set the micro-batch update rate r of every :class:`BCNorm` in ``model`` (Qiao et al.,
+    Sec. 7.2.2: r is the learning rate of the trainable parameters).
 
-    ``optimizer_or_rate`` is an optimizer (its ``param_groups[0]["lr"]`` is used) or a number.
-    Call it before every training step so that r follows the learning-rate schedule. Returns the
-    number of BCN layers updated (layers in large-batch mode get the rate too; they ignore it).
+    Call it before every training step so that r follows the learning-rate schedule. Layers in
+    large-batch mode get the rate too and ignore it.
+
+    Args:
+        model: the network (a single :class:`BCNorm` works too).
+        optimizer_or_rate: an optimizer (its ``param_groups[0]["lr"]`` is used) or a number in
+            [0, 1].
+
+    Returns:
+        the number of BCN layers updated.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BCNorm(8, micro_batch=True))
+        >>> set_bcn_rate(net, 0.05), net[1].rate
+        (1, 0.05)
     """
     if hasattr(optimizer_or_rate, "param_groups"):
         groups = optimizer_or_rate.param_groups

@@ -26,6 +26,11 @@ def resolve_group(process_group: Any = None) -> Any | None:
     ``process_group=None`` means the default group (``torch.distributed.group.WORLD``). Returns
     ``None`` if ``torch.distributed`` is unavailable or not initialised, or if the group has fewer
     than two processes (or this process is not a member of it).
+
+    Example::
+
+        >>> resolve_group() is None  # no process group initialised: nothing to synchronise
+        True
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,9 +1,9 @@
 r"""Batch normalization to fixed random per-channel statistics: the "distance to elimination
 singularities" experiment of Qiao et al., Sec. 6.1.3 (Eq. 33–34, Fig. 5).
 
-Batch normalization makes every channel zero-mean with unit variance (Qiao et al., Eq. 32), which keeps it
-as far as possible from elimination singularities. This layer instead normalizes each channel c
-to a *pre-defined* mean :math:`\hat\mu_c` and scale :math:`\hat\sigma_c`, drawn once (Qiao et al., Eq. 33)
+Batch normalization makes every channel zero-mean with unit variance (Qiao et al., Eq. 32). This
+layer instead normalizes each channel c to a *pre-defined* mean :math:`\hat\mu_c` and scale
+:math:`\hat\sigma_c`, drawn once (Qiao et al., Eq. 33)
 
 .. math::
 
@@ -18,26 +18,15 @@ and kept fixed during training, while the affine γ, β stays trainable (Qiao et
         \frac{X_{\cdot c\cdot\cdot} - \mu_{\cdot c\cdot\cdot}}{\sqrt{\sigma^2_{\cdot c\cdot\cdot}
         + \epsilon}} + \hat\mu_c\Big) + \beta_c ,
 
-with μ, σ² the batch statistics of channel c (over N and all positions, as in batch normalization;
-running estimates in eval mode). ``sigma_mu = sigma_sigma = 0`` is batch normalization exactly;
-larger values put the model farther from BN, i.e. closer to singularities (Qiao et al., Fig. 5).
+with μ, σ² the batch statistics of channel c (over N and all positions; running estimates in
+eval mode). ``sigma_mu = sigma_sigma = 0`` is batch normalization exactly; larger values put the
+model farther from BN, i.e. closer to singularities (Qiao et al., Fig. 5).
 
-Readings where the paper is open:
-
-* **N(0, σ).** Eq. 33 writes :math:`\mathcal N(0, \sigma_\mu)`; we read the second argument as the
-  *standard deviation* (the symbol is a σ, and the same convention is used for
-  :math:`\hat\sigma_c = e^{\dot\sigma_c}`, which multiplies the standardized value, i.e. is a
-  standard deviation although the text calls it a "variance").
-* **Draws.** With ``seed=None`` the draws use torch's global generator (reproducible under
-  ``torch.manual_seed``, like weight initialisation); with an integer ``seed`` they come from a
-  private ``torch.Generator().manual_seed(seed)`` on the CPU: first C standard normals z_μ, then C
-  standard normals z_σ, and :math:`\hat\mu = \sigma_\mu z_\mu`,
-  :math:`\hat\sigma = \exp(\sigma_\sigma z_\sigma)` (float32). They are buffers
-  (``target_mean``, ``target_std``), so ``state_dict`` carries them.
-* **Implementation.** Eq. 34 is batch normalization with weight :math:`\gamma\hat\sigma` and bias
-  :math:`\gamma\hat\mu + \beta`, so the layer is one ``F.batch_norm`` call (or the synchronised
-  :func:`~normlab.nn.standard.batch_norm_from_sums` inside a reduction scope, like ``bn``), with
-  the same running-statistics bookkeeping as ``nn.BatchNorm2d``.
+Eq. 34 is batch normalization with weight :math:`\gamma\hat\sigma` and bias
+:math:`\gamma\hat\mu + \beta`, so the layer is one ``F.batch_norm`` call (or
+:func:`~normlab.nn.standard.batch_norm_from_sums` under :func:`normlab.sync_stats`). The draws
+are the buffers ``target_mean`` and ``target_std``. How N(0, σ) is read and how the draws are
+made are in ``docs/methods/standard.md``.
 """
 
 from __future__ import annotations
@@ -85,9 +74,28 @@ def draw_fixed_stats(
 ) -> tuple[Tensor, Tensor]:
     r"""Draw the fixed per-channel targets of Qiao et al., Eq. 33.
 
-    Returns ``(mean, std)``, both ``(C,)`` float32 on the CPU: ``mean = sigma_mu * z1`` and
-    ``std = exp(sigma_sigma * z2)`` with z1, z2 two successive draws of C standard normals from
-    ``torch.Generator().manual_seed(seed)`` (or from torch's global generator if ``seed`` is None).
+    .. math::  \hat\mu = \sigma_\mu z_1, \qquad \hat\sigma = \exp(\sigma_\sigma z_2)
+
+    with :math:`z_1, z_2` two successive draws of C standard normals from
+    ``torch.Generator().manual_seed(seed)``, or from torch's global generator if ``seed`` is None.
+
+    Args:
+        num_features: C.
+        sigma_mu: σ_μ >= 0, the standard deviation of the target means.
+        sigma_sigma: σ_σ >= 0, the standard deviation of the log target scales.
+        seed: an integer seed for a private generator, or None.
+
+    Returns:
+        ``(mean, std)``, both ``(C,)`` float32 on the CPU.
+
+    Example::
+
+        >>> mean, std = draw_fixed_stats(4, 0.0, 0.0)  # sigma_mu = sigma_sigma = 0: BN's targets
+        >>> bool((mean == 0).all()), bool((std == 1).all())
+        (True, True)
+        >>> a, b = draw_fixed_stats(4, 1.0, 0.5, seed=3), draw_fixed_stats(4, 1.0, 0.5, seed=3)
+        >>> torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # an integer seed repeats the draws
+        True
     """
     c = check_positive_int(num_features, "num_features", _LAYER)
     sm = _check_scale(sigma_mu, "sigma_mu")
@@ -115,13 +123,35 @@ def fixed_stats_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Qiao et al., Eq. 34: ``γ (σ̂ (x − μ)/√(σ² + ε) + μ̂) + β`` per channel.
+    r"""Qiao et al., Eq. 34: batch normalization to the targets μ̂, σ̂ per channel.
 
-    μ, σ² are the batch statistics (``training=True``; the running buffers, if given, are updated
-    in place as by ``F.batch_norm``) or the running estimates (``training=False``). ``weight`` γ and
-    ``bias`` β default to 1 and 0. Differentiable in ``x``, γ and β (μ̂, σ̂ are constants).
+    .. math::  y = \gamma\Big(\hat\sigma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}
+               + \hat\mu\Big) + \beta
 
-    Shape: ``x`` ``(N, C)`` or ``(N, C, *)`` -> same; every other tensor ``(C,)``.
+    Differentiable in ``x``, γ and β (μ̂, σ̂ are constants).
+
+    Args:
+        x: the input.
+        target_mean, target_std: μ̂ and σ̂, ``(C,)``.
+        running_mean, running_var: running statistics ``(C,)`` or ``None``; updated in place as
+            by ``F.batch_norm`` when ``training=True``, used as μ, σ² when ``training=False``.
+        weight, bias: γ and β ``(C,)``, or ``None`` for 1 and 0.
+        training: use the batch statistics.
+        momentum: running-statistics momentum (PyTorch convention).
+        eps: added to the variance.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``; every other tensor ``(C,)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> x = torch.randn(64, 3, 4, 4)
+        >>> y = fixed_stats_norm(x, torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 2.0, 0.5]))
+        >>> [round(float(v), 2) for v in y.mean((0, 2, 3))]
+        [0.0, 1.0, -2.0]
+        >>> [round(float(v), 2) for v in y.std((0, 2, 3), correction=0)]
+        [1.0, 2.0, 0.5]
     """
     scale = target_std.to(stat_dtype(x))
     shift = target_mean.to(scale.dtype)
@@ -140,11 +170,16 @@ def fixed_stats_norm(
     "batch norm to fixed random per-channel mean/std (Qiao et al., Eq. 33-34, distance to singularities)",
 )
 class FixedStatsNorm(nn.Module):
-    r"""Batch normalization to fixed random per-channel statistics (Qiao et al., Sec. 6.1.3, Eq. 33–34).
+    r"""Batch normalization to fixed random per-channel statistics (Qiao et al., Sec. 6.1.3,
+    Eq. 33–34).
 
-    ``y = γ (σ̂ (x − E[x])/√(Var[x] + ε) + μ̂) + β`` with μ̂ ~ N(0, sigma_mu²) and
-    σ̂ = exp(N(0, sigma_sigma²)) drawn once per channel and fixed (see the module docstring of
-    :mod:`normlab.nn.fixedstats` for the readings). ``sigma_mu = sigma_sigma = 0`` is ``bn``.
+    .. math::  y = \gamma\Big(\hat\sigma\,\frac{x - \mathrm E[x]}{\sqrt{\mathrm{Var}[x]
+               + \epsilon}} + \hat\mu\Big) + \beta, \qquad
+               \hat\mu \sim \mathcal N(0, \sigma_\mu^2),\;
+               \log\hat\sigma \sim \mathcal N(0, \sigma_\sigma^2),
+
+    μ̂ and σ̂ drawn once per channel (:func:`draw_fixed_stats`) and fixed. ``sigma_mu =
+    sigma_sigma = 0`` is ``bn``.
 
     Args:
         num_features: C.
@@ -159,7 +194,17 @@ class FixedStatsNorm(nn.Module):
     Buffers: ``target_mean`` μ̂ and ``target_std`` σ̂ (C,), ``running_mean``, ``running_var`` (C,),
     ``num_batches_tracked`` — the last three as in ``nn.BatchNorm2d``.
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> layer = FixedStatsNorm(16, sigma_mu=1.0, sigma_sigma=0.5, seed=0)
+        >>> layer(torch.randn(8, 16, 4, 4)).shape
+        torch.Size([8, 16, 4, 4])
+        >>> sorted(k for k in layer.state_dict() if k.startswith("target"))
+        ['target_mean', 'target_std']
     """
 
     sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
@@ -210,7 +255,8 @@ class FixedStatsNorm(nn.Module):
 
     @torch.no_grad()
     def reset_targets(self) -> None:
-        """Draw μ̂, σ̂ again (Qiao et al., Eq. 33); with an integer ``seed`` the same values come back."""
+        """Draw μ̂, σ̂ again (Qiao et al., Eq. 33); with an integer ``seed`` the same values come
+        back."""
         mean, std = draw_fixed_stats(self.num_features, self.sigma_mu, self.sigma_sigma, self.seed)
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)

@@ -1,4 +1,5 @@
-"""The two reference layers without normalization: ``none`` and ``affine``."""
+"""The two reference layers without normalization: ``none`` (identity) and ``affine`` (a learnable
+per-channel scale and shift, the affine part of a norm layer without its normalization)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,19 @@ __all__ = ["Affine", "NoNorm"]
 class NoNorm(nn.Identity):
     """Identity that remembers ``num_features`` so it can be converted back to a norm later.
 
-    Shape: any ``(N, C, *)`` -> same.
+    Args:
+        num_features: C (kept, not checked against the input).
+
+    Shape:
+        - Input: any
+        - Output: the input itself
+
+    Example::
+
+        >>> layer = NoNorm(16)
+        >>> x = torch.randn(2, 16, 3, 3)
+        >>> layer(x) is x, layer
+        (True, NoNorm(16))
     """
 
     def __init__(self, num_features: int) -> None:
@@ -28,12 +41,27 @@ class NoNorm(nn.Identity):
 
 @register_norm("affine", "learnable per-channel scale and shift, no normalization")
 class Affine(nn.Module):
-    r"""``y = γ ⊙ x + β`` per channel, with γ initialised to 1 and β to 0.
+    r"""A learnable per-channel scale and shift without normalization.
 
-    The output has the input's dtype (float32 parameters with half-precision input, as under
-    autocast, compute in float32 and cast back — as torch's normalization layers do).
+    .. math::  y = \gamma \odot x + \beta
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same.
+    with γ initialised to 1 and β to 0. The output has the input's dtype (float32 parameters with
+    half-precision input, as under autocast, compute in float32 and cast back — as torch's
+    normalization layers do).
+
+    Args:
+        num_features: C.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> layer = Affine(3)
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> torch.equal(layer(x), x)  # γ = 1, β = 0 at initialisation
+        True
     """
 
     def __init__(self, num_features: int) -> None:

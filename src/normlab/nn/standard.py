@@ -2,12 +2,18 @@
 
 ``bn`` is batch normalization over every dimension except channels (``nn.BatchNorm1d/2d/3d`` in
 one class); ``gn``, ``ln`` and ``in`` are group normalization with G groups, one group, and one
-group per channel. All have a per-channel affine (γ, β) by default.
+group per channel. All have a per-channel affine (γ, β) by default:
 
-Synchronised batch statistics (issue 9): inside a reduction scope of :mod:`normlab.nn.stats`
-(opened by :func:`normlab.sync_stats` around a training forward), ``bn`` computes its statistics
-with :func:`batch_norm_from_sums`, whose sums are all-reduced over the processes; elsewhere it is
-``F.batch_norm``.
+.. math::  y = \\frac{x - \\mathrm E[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,\\gamma + \\beta
+
+with the statistics over (N, *) per channel for ``bn`` and over each sample's group of channels
+and positions for ``gn``/``ln``/``in``.
+
+Synchronised batch statistics: inside a reduction scope of :mod:`normlab.nn.stats` (opened by
+:func:`normlab.sync_stats` around a training forward), ``bn`` computes its statistics with
+:func:`batch_norm_from_sums`, whose sums are all-reduced over the processes; elsewhere it is
+``F.batch_norm``. The default group count and the numerics of :func:`batch_norm_from_sums` are
+explained in ``docs/methods/standard.md``.
 """
 
 from __future__ import annotations
@@ -30,8 +36,15 @@ __all__ = [
 
 
 def default_num_groups(num_channels: int) -> int:
-    """Default group count: ``min(32, C // 4)`` (Qiao et al., Sec. 8.2), at least 1; when that does not
-    divide C, the largest divisor of C below it (so every channel count gets a valid default)."""
+    """Default group count: ``min(32, C // 4)`` (Qiao et al., Sec. 8.2), at least 1; when that
+    does not divide C, the largest divisor of C below it (so every channel count gets a valid
+    default).
+
+    Example::
+
+        >>> [default_num_groups(c) for c in (256, 64, 24, 3)]
+        [32, 16, 6, 1]
+    """
     g = max(1, min(32, num_channels // 4))
     while num_channels % g:
         g -= 1
@@ -47,24 +60,41 @@ def batch_norm_from_sums(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    r"""Training-mode batch normalization with statistics from :func:`normlab.nn.stats.channel_sums`.
+    r"""Training-mode batch normalization with statistics from
+    :func:`normlab.nn.stats.channel_sums`.
 
-    The same function as ``F.batch_norm(x, running_mean, running_var, weight, bias, True,
-    momentum, eps)`` — ``y = (x − μ)/√(σ² + eps)·γ + β`` with the batch mean and biased variance
-    over every dimension but 1, and running statistics updated in place with the unbiased
-    variance, ``running = (1 − momentum)·running + momentum·batch`` — but its statistics are sums,
-    so inside a reduction scope (:func:`normlab.sync_stats`) they are those of the global batch,
-    with gradients through the all-reduce. Differentiable in ``x``, ``weight`` and ``bias``.
+    .. math::  y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta, \qquad
+               \text{running} \leftarrow (1 - \text{momentum})\,\text{running}
+               + \text{momentum}\cdot\text{batch}
 
-    Numerics: the sums are taken of ``x − c`` with a shift ``c`` that is the same on every
-    process — the running mean if given (identical on every process: it starts equal and is
-    updated from global statistics; DDP also broadcasts buffers), otherwise the global batch mean
-    from a first, gradient-free pass (one extra small all-reduce). This keeps E[(x−c)²] − E[x−c]²
-    free of cancellation as long as ``|μ − c|`` is not much larger than σ. Statistics are in
-    float32 for half input; the output has ``x``'s dtype. A single value per channel is allowed
-    (globally there may be many); its variance is 0 and the running variance uses factor 1.
+    with the batch mean and biased variance over every dimension but 1, and the running variance
+    updated with the unbiased variance: the same function as ``F.batch_norm(x, running_mean,
+    running_var, weight, bias, True, momentum, eps)``. Its statistics are sums, so inside a
+    reduction scope (:func:`normlab.sync_stats`) they are those of the global batch, with
+    gradients through the all-reduce. Differentiable in ``x``, ``weight`` and ``bias``.
 
-    Shape: ``(N, C)`` or ``(N, C, *)`` -> same; ``running_*``, ``weight``, ``bias`` ``(C,)``.
+    The sums are taken of ``x − c`` with a shift ``c`` that is the same on every process (the
+    running mean if given, else the global batch mean from a first, gradient-free pass).
+    Statistics are in float32 for half input; the output has ``x``'s dtype. A single value per
+    channel is allowed (globally there may be many): its variance is 0.
+
+    Args:
+        x: the input.
+        running_mean, running_var: running statistics ``(C,)`` updated in place, or ``None``.
+        weight, bias: γ and β ``(C,)``, or ``None``.
+        momentum: running-statistics momentum.
+        eps: added to the variance.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``; ``running_*``, ``weight``, ``bias`` ``(C,)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> x = torch.randn(16, 4, 3, 3, dtype=torch.float64)
+        >>> ref = torch.nn.functional.batch_norm(x, None, None, training=True)
+        >>> torch.allclose(batch_norm_from_sums(x), ref)
+        True
     """
     dt = stat_dtype(x)
     nd = x.dim()
@@ -97,10 +127,29 @@ def batch_norm_from_sums(
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     r"""Batch normalization for ``(N, C)`` and ``(N, C, *)`` input.
 
-    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β`` with statistics over every dimension but 1.
-    Same arguments, buffers and ``state_dict`` keys as ``nn.BatchNorm2d``. After
-    :func:`normlab.sync_stats` its training statistics are those of all processes' samples
-    (:func:`batch_norm_from_sums`); otherwise it is exactly torch's batch normalization.
+    .. math::  y = \frac{x - \mathrm E[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    with statistics over every dimension but 1. Same arguments, buffers and ``state_dict`` keys as
+    ``nn.BatchNorm2d``. After :func:`normlab.sync_stats` its training statistics are those of all
+    processes' samples (:func:`batch_norm_from_sums`); otherwise it is exactly torch's batch
+    normalization.
+
+    Args:
+        num_features: C.
+        eps: added to the variance.
+        momentum: running-statistics momentum (``None``: cumulative average), as in torch.
+        affine: learnable per-channel γ (init 1) and β (init 0).
+        track_running_stats: keep running statistics for eval.
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> bn = BatchNorm(8)
+        >>> bn(torch.randn(4, 8)).shape, bn(torch.randn(4, 8, 5, 5, 5)).shape
+        (torch.Size([4, 8]), torch.Size([4, 8, 5, 5, 5]))
     """
 
     sync_batch_stats = True  # normlab.sync_stats all-reduces its batch sums
@@ -145,8 +194,23 @@ class GroupNorm(nn.GroupNorm):
     r"""Group normalization for ``(N, C)`` and ``(N, C, *)`` input.
 
     Each sample's channels are split into ``num_groups`` groups, normalized over the group's
-    channels and positions, then a per-channel affine. ``num_groups=None`` picks
-    :func:`default_num_groups`.
+    channels and positions, then a per-channel affine γ, β.
+
+    Args:
+        num_features: C.
+        num_groups: G, a divisor of C; ``None`` picks :func:`default_num_groups`.
+        eps: added to the variance.
+        affine: learnable per-channel γ (init 1) and β (init 0).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> gn = GroupNorm(64)
+        >>> gn.num_groups, gn(torch.randn(2, 64, 4, 4)).shape
+        (16, torch.Size([2, 64, 4, 4]))
     """
 
     _layer = "GroupNorm"
@@ -179,7 +243,24 @@ register_norm("gn", "group normalization; num_groups defaults to min(32, C // 4)
 
 @register_norm("ln", "layer normalization: one group over all channels (and positions)")
 class LayerNorm(GroupNorm):
-    """Layer normalization of channel-first input: group normalization with a single group."""
+    """Layer normalization of channel-first input: group normalization with a single group
+    (each sample over all its channels and positions), per-channel affine.
+
+    Args:
+        num_features: C.
+        eps: added to the variance.
+        affine: learnable per-channel γ (init 1) and β (init 0).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> y = LayerNorm(6, affine=False)(torch.randn(3, 6, 2, 2))
+        >>> [round(float(v), 4) + 0.0 for v in y.mean((1, 2, 3))]
+        [0.0, 0.0, 0.0]
+    """
 
     _layer = "LayerNorm"
 
@@ -192,10 +273,28 @@ class LayerNorm(GroupNorm):
 
 @register_norm("in", "instance normalization: one group per channel, no running statistics")
 class InstanceNorm(GroupNorm):
-    """Instance normalization: each channel of each sample over its positions, per-channel affine.
+    """Instance normalization: each channel of each sample over its positions, per-channel
+    affine; no running statistics.
 
     For ``(N, C)`` input there is one value per group, so the normalized value is 0 and the output
     is β (finite; this is what instance normalization means at H = W = 1).
+
+    Args:
+        num_features: C.
+        eps: added to the variance.
+        affine: learnable per-channel γ (init 1) and β (init 0).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, *)``
+        - Output: same shape as the input
+
+    Example::
+
+        >>> norm = InstanceNorm(3)
+        >>> norm(torch.randn(2, 3, 4, 4)).shape
+        torch.Size([2, 3, 4, 4])
+        >>> bool(norm(torch.randn(2, 3)).abs().max() < 1e-3)  # (N, C): the output is β = 0
+        True
     """
 
     _layer = "InstanceNorm"

@@ -84,7 +84,8 @@ class WeightedSums(NamedTuple):
 
 
 class CovarianceSums(NamedTuple):
-    """Per-group covariance sums: ``count`` (scalar), ``s1`` (G, d), ``outer`` (G, d, d) = Σ x xᵀ."""
+    """Per-group covariance sums: ``count`` (scalar), ``s1`` (G, d), ``outer`` (G, d, d) =
+    Σ x xᵀ."""
 
     count: Tensor
     s1: Tensor
@@ -152,7 +153,16 @@ def reduction_scope(group: object | None) -> Iterator[None]:
 
 def channel_sums(x: Tensor) -> ChannelSums:
     """Count, Σx and Σx² per channel of a channel-first ``(N, C, *)`` tensor (in float32 for
-    half-precision input). Differentiable."""
+    half-precision input). Differentiable; all-reduced inside a reduction scope.
+
+    Example::
+
+        >>> sums = channel_sums(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        >>> sums.count, sums.s1, sums.s2
+        (tensor(2.), tensor([4., 8.]), tensor([10., 40.]))
+        >>> sums.mean_var()
+        (tensor([2., 4.]), tensor([1., 4.]))
+    """
     dt = stat_dtype(x)
     xf = x.to(dt)
     dims = [0, *range(2, x.dim())]
@@ -165,7 +175,17 @@ def channel_sums(x: Tensor) -> ChannelSums:
 
 def weighted_sums(points: Tensor, weights: Tensor) -> WeightedSums:
     """Σ_i w_ik, Σ_i w_ik x_i and Σ_i w_ik x_i² for points ``(m, C)`` and weights ``(m, K)``,
-    as two matrix products. Differentiable in both arguments."""
+    as two matrix products. Differentiable in both arguments.
+
+    Example::
+
+        >>> points = torch.tensor([[1.0], [3.0], [5.0]])
+        >>> weights = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])  # soft assignments, K = 2
+        >>> sums = weighted_sums(points, weights)
+        >>> sums.w, sums.s1 / sums.w[:, None]  # component weights and weighted means
+        (tensor([1.5000, 1.5000]), tensor([[1.6667],
+                [4.3333]]))
+    """
     dt = stat_dtype(points)
     p = points.to(dt)
     w = weights.to(dt)
@@ -280,6 +300,14 @@ def covariance_sums(x: Tensor, group_size: int) -> CovarianceSums:
     Computed as one batched matrix product in the input's own layout (no transposed copy of the
     data, see :func:`group_batch` and :func:`gram_sums`). Differentiable; the backward of Σ x xᵀ is
     a single batched product.
+
+    Example::
+
+        >>> x = torch.randn(16, 8, 4, 4, dtype=torch.float64)
+        >>> sums = covariance_sums(x, group_size=4)  # two groups of four channels
+        >>> pts = x[:, :4].movedim(1, -1).reshape(-1, 4)  # group 0 as points
+        >>> sums.count.item(), torch.allclose(sums.outer[0], pts.T @ pts)
+        (256.0, True)
     """
     return gram_sums(*group_batch(x.to(stat_dtype(x)), group_size))
 

@@ -1,33 +1,26 @@
 r"""The standardization loss (Collins et al., Sec. 3, Eq. 2).
 
-For the pre-activation ``x`` of a layer, with per-channel mean μ_i and variance σ²_i taken over the
-batch (and spatial) dimensions — "the same way they are calculated in BN" (Collins et al., Sec. 3) — the loss is
-the KL divergence of the Gaussian fit to ``x`` from N(0, I) (Collins et al., Eq. 2):
+For the pre-activation ``x`` of a layer, with per-channel mean μ_i and variance σ²_i taken over
+the batch (and spatial) dimensions — "the same way they are calculated in BN" (Collins et al.,
+Sec. 3) — the loss is the KL divergence of the Gaussian fit to ``x`` from N(0, I) (Collins et al.,
+Eq. 2):
 
 .. math::  L = \tfrac12 \sum_i \bigl(\mu_i^2 + \sigma_i^2 - \log \sigma_i^2 - 1\bigr),
 
 summed over hooked layers and multiplied by a weight, then added to the task loss in training.
 
-Choices:
+* :func:`standardization_loss` is Eq. 2 for one tensor; :func:`standardization_moments` gives
+  its μ, σ² (population variance, float32 statistics, two-pass and free of cancellation).
+* :class:`StandardizationLoss` hooks a model's Conv/Linear layers and accumulates Eq. 2 over
+  them in training forwards. ``log σ²`` is taken as ``log(σ² + eps)``.
+* By default the moments are per process, like Collins et al., App. A.6 ("statistical moments
+  are calculated independently for each core"). :meth:`StandardizationLoss.sync` (or
+  ``normlab.sync_stats(model, std_loss=...)``) makes them those of all processes' samples
+  (:func:`synced_standardization_moments`), with gradients through the all-reduce.
 
-* σ²_i is the maximum-likelihood (population, ``1/n``) variance, as in BN.
-* ``log σ²`` is computed as ``log(σ² + eps)`` with ``eps = 1e-8`` by default, so a constant channel
-  (σ² = 0, e.g. batch size 1 at a Linear layer) gives a finite loss (≈ 9.2 per channel from the
-  log term) and a finite gradient, and the gradient keeps pushing a tiny variance up (a clamp would
-  zero it).
-* Statistics are computed in float32 (float64 input stays float64) with a two-pass
-  ``torch.var_mean``, accurate even when |μ| ≫ σ. By default they are per process — like Collins et al.
-  App. A.6, where "statistical moments are calculated independently for each core".
-* Synchronised (issue 9, :meth:`StandardizationLoss.sync` or ``normlab.sync_stats(model,
-  std_loss=...)``): in training the moments are those of all processes' samples
-  (:func:`synced_standardization_moments`: two all-reduced :func:`normlab.nn.stats.channel_sums`
-  passes, the second shifted by the global mean, so still free of cancellation), with gradients
-  through the all-reduce. Every process then gets the same, global loss value. Adding it to each
-  process's loss under DDP gives exactly the global computation's gradient: the backward
-  all-reduce (SUM) hands every process W times its share, and DDP's averaging divides by W. (When
-  summing per-process gradients without DDP, add ``loss() / W`` instead.)
-* The channel dimension is 1 for convolutions and any other module (channel-first ``(N, C, *)``),
-  and the last dimension for ``nn.Linear`` (whose output is ``(N, *, C)``).
+The channel dimension is 1 for convolutions and any other module (channel-first ``(N, C, *)``),
+and the last dimension for ``nn.Linear`` (whose output is ``(N, *, C)``). The reasons for ``eps``,
+the variance and the gradient under DDP are in ``docs/methods/std_loss.md``.
 """
 
 from __future__ import annotations
@@ -58,8 +51,19 @@ def standardization_moments(x: Tensor, channel_dim: int = 1) -> tuple[Tensor, Te
     """Per-channel mean and population variance of ``x`` over every dimension except
     ``channel_dim``, in float32 (float64 input: float64). Differentiable.
 
-    Shape: ``x`` is ``(N, C, *)`` (``channel_dim=1``) or ``(N, *, C)`` (``channel_dim=-1``);
-    returns two ``(C,)`` tensors.
+    Args:
+        x: a pre-activation with a batch dimension 0.
+        channel_dim: 1 for channel-first tensors, -1 for the output of ``nn.Linear``.
+
+    Shape:
+        - Input: ``(N, C, *)`` (``channel_dim=1``) or ``(N, *, C)`` (``channel_dim=-1``)
+        - Output: two ``(C,)`` tensors, ``(mean, var)``
+
+    Example::
+
+        >>> mean, var = standardization_moments(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> mean, var
+        (tensor([2., 0.]), tensor([1., 0.]))
     """
     if x.dim() < 2:
         raise ValueError(
@@ -78,15 +82,36 @@ def standardization_moments(x: Tensor, channel_dim: int = 1) -> tuple[Tensor, Te
 def synced_standardization_moments(
     x: Tensor, channel_dim: int = 1, group: object | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`standardization_moments` over the samples of every process of ``group`` (a
-    ``torch.distributed`` ProcessGroup; ``None``: this process only, computed the same way).
+    r""":func:`standardization_moments` over the samples of every process of ``group``.
 
     Two passes of :func:`normlab.nn.stats.channel_sums` in a reduction scope: a gradient-free one
-    for the global mean μ̄, then Σ(x − μ̄), Σ(x − μ̄)² and the count, all-reduced inside autograd;
-    μ = μ̄ + Σ(x − μ̄)/n and σ² = Σ(x − μ̄)²/n − (Σ(x − μ̄)/n)². The second term is ~0 in value but
-    carries the exact gradient. Float32 statistics (float64 input: float64). Differentiable.
+    for the global mean :math:`\bar\mu`, then :math:`\sum(x - \bar\mu)`,
+    :math:`\sum(x - \bar\mu)^2` and the count n, all-reduced inside autograd;
 
-    Shape: as :func:`standardization_moments`; returns two ``(C,)`` tensors.
+    .. math::  \mu = \bar\mu + \tfrac1n\textstyle\sum(x - \bar\mu), \qquad
+               \sigma^2 = \tfrac1n\textstyle\sum(x - \bar\mu)^2
+               - \bigl(\tfrac1n\sum(x - \bar\mu)\bigr)^2 .
+
+    The second term is ~0 in value but carries the exact gradient. Float32 statistics (float64
+    input: float64). Differentiable.
+
+    Args:
+        x: a pre-activation with a batch dimension 0.
+        channel_dim: 1 for channel-first tensors, -1 for the output of ``nn.Linear``.
+        group: a ``torch.distributed`` ProcessGroup, or ``None`` for this process only
+            (computed the same way).
+
+    Shape:
+        - Input: as :func:`standardization_moments`
+        - Output: two ``(C,)`` tensors, ``(mean, var)``
+
+    Example::
+
+        >>> x = torch.randn(32, 4, 3, 3, dtype=torch.float64)
+        >>> m1, v1 = synced_standardization_moments(x)  # no group: this process's samples
+        >>> m2, v2 = standardization_moments(x)
+        >>> torch.allclose(m1, m2) and torch.allclose(v1, v2)
+        True
     """
     if x.dim() < 2:
         raise ValueError(
@@ -108,12 +133,30 @@ def synced_standardization_moments(
 
 
 def standardization_loss(x: Tensor, channel_dim: int = 1, eps: float = 1e-8) -> Tensor:
-    """Collins et al., Eq. 2 for one pre-activation tensor: ½ Σ_i (μ_i² + σ_i² − log(σ_i² + eps) − 1).
+    r"""Collins et al., Eq. 2 for one pre-activation tensor.
 
-    Statistics over all dimensions but ``channel_dim`` (batch and spatial). Returns a scalar
-    (float32, or float64 for float64 input) with gradient to ``x``.
+    .. math::  L = \tfrac12 \sum_i \bigl(\mu_i^2 + \sigma_i^2 - \log(\sigma_i^2 + \epsilon)
+               - 1\bigr)
 
-    Shape: ``(N, C, *)`` for ``channel_dim=1``; ``(N, *, C)`` for ``channel_dim=-1``.
+    with statistics over all dimensions but ``channel_dim`` (batch and spatial).
+
+    Args:
+        x: a pre-activation with a batch dimension 0.
+        channel_dim: 1 for channel-first tensors, -1 for the output of ``nn.Linear``.
+        eps: ε inside the logarithm, so a constant channel gives a finite loss.
+
+    Returns:
+        a scalar (float32, or float64 for float64 input) with gradient to ``x``.
+
+    Shape:
+        - Input: ``(N, C, *)`` for ``channel_dim=1``; ``(N, *, C)`` for ``channel_dim=-1``
+        - Output: ``()``
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, 2.0], [-1.0, 4.0]])  # (μ, σ²) = (0, 1) and (3, 1)
+        >>> round(float(standardization_loss(x)), 4)  # ½ [(0 + 1 − 0 − 1) + (9 + 1 − 0 − 1)]
+        4.5
     """
     mean, var = standardization_moments(x, channel_dim)
     return _eq2(mean, var, eps)
@@ -186,7 +229,14 @@ def _explicit_selection(model: nn.Module, modules: ModuleSelection) -> list[str]
 
 
 class StandardizationLoss:
-    """Accumulates the standardization loss (Collins et al., Eq. 2) of a model's pre-activations via hooks.
+    """Accumulates the standardization loss (Collins et al., Eq. 2) of a model's pre-activations
+    via forward hooks.
+
+    Each forward of a hooked module *in training mode* adds its layer's Eq. 2 value to an
+    accumulator; :meth:`loss` returns ``weight ×`` the total and resets it. The hooks never modify
+    outputs. Use as ``loss = task_loss + std.loss()`` once per step (a forgotten ``loss()`` keeps
+    the graphs of earlier forwards alive). :meth:`remove` detaches the hooks; the object is also
+    a context manager that removes them on exit.
 
     Args:
         model: the network.
@@ -199,19 +249,18 @@ class StandardizationLoss:
         eps: ``log σ²`` is taken as ``log(σ² + eps)``.
 
     Multi-process training: by default the moments are per process (Collins et al., App. A.6);
-    :meth:`sync` makes them global (see the module docstring for the gradient under DDP).
-
-    Each forward of a hooked module *in training mode* adds its layer's Eq. 2 value to an
-    accumulator; :meth:`loss` returns ``weight ×`` the total and resets it. The hooks never modify
-    outputs. Use as ``loss = task_loss + std.loss()`` once per step (a forgotten ``loss()`` keeps
-    the graphs of earlier forwards alive). ``remove()`` detaches the hooks; the object is also a
-    context manager that removes them on exit.
+    :meth:`sync` makes them global.
 
     Example::
 
-        std = normlab.StandardizationLoss(model, weight=1e-4)
-        out = model(x)
-        (F.cross_entropy(out, y) + std.loss()).backward()
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
+        >>> std = StandardizationLoss(model, weight=1e-2)
+        >>> std.names  # every Conv/Linear but the classifier
+        ['0']
+        >>> x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 10, (16,))
+        >>> loss = nn.functional.cross_entropy(model(x), y) + std.loss()
+        >>> loss.backward()
+        >>> std.remove()
     """
 
     def __init__(

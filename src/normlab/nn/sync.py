@@ -141,6 +141,14 @@ def sync_stats(
 
     Returns:
         the model (the same object unless the root itself was a converted torch BatchNorm).
+
+    Example::
+
+        >>> model = sync_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+        >>> synced_layers(model), type(model[1]).__name__  # torch's BN became normlab's
+        (['1'], 'BatchNorm')
+        >>> model(torch.randn(2, 3, 5, 5)).shape  # no process group: computed as before
+        torch.Size([2, 8, 3, 3])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sync_stats: model must be an nn.Module, got {type(model).__name__}")
