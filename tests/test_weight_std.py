@@ -149,8 +149,8 @@ def test_convert_conv_keeps_raw_weights_and_model_runs():
     out.sum().backward()
     assert model.c2.weight.grad is not None
     assert normlab.convert_conv(model, "ws") == []  # already converted
-    with pytest.raises(ValueError, match="kind"):
-        normlab.convert_conv(model, "wn")
+    with pytest.raises(ValueError, match="kind"):  # "wn" and "cwn" are kinds now
+        normlab.convert_conv(model, "octave")
     m2 = _Mixed()
     assert normlab.convert_conv(m2, "ws", include="c*", exclude="c1") == ["c2"]
     with pytest.raises(ValueError, match="matches no convolution"):

@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from normlab.nn.registry import NormSpec, make_norm, norm_classes
+from normlab.nn.weight_std import (
+    WEIGHT_NORM_KINDS,
+    WSConv1d,
+    WSConv2d,
+    WSLinear,
+    apply_weight_norm,
+    ws_from_module,
+)
 
 __all__ = ["convert", "convert_conv", "is_norm_layer", "norm_num_features"]
 
@@ -154,17 +162,27 @@ def convert_conv(
     **kwargs: object,
 ) -> list[str]:
     """Swap ``nn.Conv1d``/``nn.Conv2d`` (and ``nn.Linear`` when ``linear=True``) for their
-    weight-standardized versions (Qiao et al., Sec. 4), keeping the raw weights, bias, device and dtype.
+    weight-normalized versions (Qiao et al., Sec. 4), keeping the raw weights, bias, device and dtype.
 
-    ``kind`` is ``"ws"`` (Weight Standardization) or ``"plain"`` (no change); ``kwargs`` go to the WS
-    layer (``eps``, ``center``, ``scale``). Returns the replaced names.
+    ``kind`` is ``"ws"`` (Weight Standardization, Eq. 5–7: a new :class:`normlab.WSConv2d` etc.
+    with the old layer's raw weight; ``kwargs`` ``eps``, ``center``, ``scale``), ``"wn"`` (Weight
+    Normalization, Eq. 8, torch's weight norm; no ``kwargs``), ``"cwn"`` (Centered Weight
+    Normalization, Eq. 9; ``kwargs`` ``eps``) or ``"plain"`` (no change). ``"wn"`` and ``"cwn"``
+    parametrize the matched layers' ``weight`` in place (the module objects stay, with new
+    parameters g and v, so build the optimizer afterwards); a WN layer computes what it computed
+    before, a CWN layer uses its weight's centered direction at the weight's length. Layers that
+    are already weight-standardized or parametrized are left alone. Returns the replaced names.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> convert_conv(model, "cwn")
+        ['0', '2']
     """
-    from normlab.nn.weight_std import WSConv1d, WSConv2d, WSLinear, ws_from_module
-
     if kind == "plain":
         return []
-    if kind != "ws":
-        raise ValueError(f"convert_conv: kind must be 'ws' or 'plain', got {kind!r}")
+    if kind != "ws" and kind not in WEIGHT_NORM_KINDS:
+        raise ValueError(f"convert_conv: kind must be 'ws', 'wn', 'cwn' or 'plain', got {kind!r}")
     ws_types = (WSConv1d, WSConv2d, WSLinear)
     types: tuple[type, ...] = (nn.Conv1d, nn.Conv2d) + ((nn.Linear,) if linear else ())
 
@@ -178,5 +196,9 @@ def convert_conv(
             f"candidates: {candidates or '(none)'}"
         )
     for name in chosen:
-        _set_submodule(model, name, ws_from_module(model.get_submodule(name), **kwargs))
+        old = model.get_submodule(name)
+        if kind == "ws":
+            _set_submodule(model, name, ws_from_module(old, **kwargs))
+        else:
+            apply_weight_norm(old, kind, **kwargs)
     return chosen

@@ -13,24 +13,30 @@ A conv spec is written like a norm spec (parsed by :func:`normlab.nn.registry.pa
     "ws(center=false)"           # scaling only, "/ std" of Qiao et al., Table 4 (Eq. 12)
     "ws(eps=1e-4)"
     {"name": "ws", "center": False}
+    "wn"                         # nn.Conv2d with torch's weight norm, Eq. 8 (Qiao et al., Table 3)
+    "cwn"  or  "cwn(eps=1e-6)"   # nn.Conv2d with Centered Weight Normalization, Eq. 9
 
-The ``ws`` keywords are the WS layers' own: ``eps``, ``center``, ``scale``.
+The ``ws`` keywords are the WS layers' own: ``eps``, ``center``, ``scale``; ``cwn`` takes ``eps``,
+``wn`` and ``plain`` take none (:data:`CONV_KWARGS`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlab.nn.registry import NormSpec, make_norm, parse_spec
-from normlab.nn.weight_std import WSConv2d, WSLinear
+from normlab.nn.weight_std import WSConv2d, WSLinear, apply_weight_norm
 
 __all__ = [
     "CONV_KINDS",
+    "CONV_KWARGS",
     "WS_KWARGS",
     "ConvNormAct",
     "ConvSpec",
@@ -45,24 +51,33 @@ __all__ = [
     "make_conv",
     "make_linear",
     "parse_conv",
+    "reinit_weight",
     "scaled",
 ]
 
-CONV_KINDS = ("plain", "ws")
+CONV_KINDS = ("plain", "ws", "wn", "cwn")
 WS_KWARGS = ("eps", "center", "scale")
+CONV_KWARGS: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "ws": WS_KWARGS,
+    "wn": (),
+    "cwn": ("eps",),
+}
 
 ConvSpec = str | Mapping[str, Any]
 
 _CONV_HELP = (
     f"valid conv specs: 'plain', 'ws' or 'ws(key=value, ...)' with the keyword arguments "
-    f"{', '.join(WS_KWARGS)} (eps a non-negative number, center and scale true or false)"
+    f"{', '.join(WS_KWARGS)} (eps a non-negative number, center and scale true or false), 'wn', "
+    f"'cwn' or 'cwn(eps=...)'"
 )
 
 
 def parse_conv(conv: ConvSpec) -> tuple[str, dict[str, Any]]:
-    """Split and validate a conv spec: ``("plain", {})`` or ``("ws", kwargs)`` where ``kwargs``
-    holds only the given ones of ``eps`` (a non-negative number), ``center``, ``scale`` (true or
-    false). Raises ``ValueError`` naming the spec, the key, the value and what is allowed."""
+    """Split and validate a conv spec into ``(kind, kwargs)``: ``kind`` one of :data:`CONV_KINDS`,
+    ``kwargs`` only the given ones of the kind's :data:`CONV_KWARGS` — ``eps`` (a non-negative
+    number) for ``ws`` and ``cwn``, ``center``, ``scale`` (true or false) for ``ws``. Raises
+    ``ValueError`` naming the spec, the key, the value and what is allowed."""
     if isinstance(conv, str) and conv in CONV_KINDS:  # the common case, no parsing
         return conv, {}
     try:
@@ -75,16 +90,17 @@ def parse_conv(conv: ConvSpec) -> tuple[str, dict[str, Any]]:
         raise ValueError(
             f"conv: unknown convolution kind {name!r} in conv spec {conv!r}; {_CONV_HELP}"
         )
-    if name == "plain":
+    allowed = CONV_KWARGS[name]
+    if not allowed:
         if kwargs:
             raise ValueError(
-                f"conv: 'plain' takes no arguments, got {kwargs} in conv spec {conv!r}; "
+                f"conv: {name!r} takes no arguments, got {kwargs} in conv spec {conv!r}; "
                 f"{_CONV_HELP}"
             )
         return name, {}
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key not in WS_KWARGS:
+        if key not in allowed:
             problem = f"unknown argument {key}={value!r}"
         elif key == "eps":
             ok = (
@@ -104,7 +120,7 @@ def parse_conv(conv: ConvSpec) -> tuple[str, dict[str, Any]]:
 
 
 def check_conv_kind(conv: ConvSpec) -> str:
-    """Validate a conv spec (:func:`parse_conv`) and return its kind, ``"plain"`` or ``"ws"``."""
+    """Validate a conv spec (:func:`parse_conv`) and return its kind (one of :data:`CONV_KINDS`)."""
     return parse_conv(conv)[0]
 
 
@@ -125,12 +141,17 @@ def make_conv(
     groups: int = 1,
 ) -> nn.Conv2d:
     """``nn.Conv2d`` for ``conv="plain"``, :class:`normlab.WSConv2d` for a ``"ws"`` conv spec
-    (its ``eps``/``center``/``scale`` passed on, e.g. ``conv="ws(center=false)"``)."""
+    (its ``eps``/``center``/``scale`` passed on, e.g. ``conv="ws(center=false)"``), an
+    ``nn.Conv2d`` with a weight-normalized ``weight`` for ``"wn"`` / ``"cwn"``
+    (:func:`normlab.nn.weight_std.apply_weight_norm`)."""
     kind, kwargs = parse_conv(conv)
     common = dict(stride=stride, padding=padding, bias=bias, groups=groups)
     if kind == "ws":
         return WSConv2d(in_channels, out_channels, kernel_size, **common, **kwargs)
-    return nn.Conv2d(in_channels, out_channels, kernel_size, **common)
+    layer = nn.Conv2d(in_channels, out_channels, kernel_size, **common)
+    if kind != "plain":
+        apply_weight_norm(layer, kind, **kwargs)
+    return layer
 
 
 def make_linear(
@@ -138,14 +159,18 @@ def make_linear(
 ) -> nn.Linear:
     """``nn.Linear``, or :class:`normlab.WSLinear` (only where a paper does so) when ``ws`` is
     True or a ``"ws"`` conv spec (then with its ``eps``/``center``/``scale``); ``False`` or
-    ``"plain"`` give ``nn.Linear``."""
+    ``"plain"`` give ``nn.Linear``; ``"wn"`` / ``"cwn"`` an ``nn.Linear`` with a
+    weight-normalized ``weight``."""
     if isinstance(ws, bool):
         kind, kwargs = ("ws" if ws else "plain"), {}
     else:
         kind, kwargs = parse_conv(ws)
     if kind == "ws":
         return WSLinear(in_features, out_features, bias=bias, **kwargs)
-    return nn.Linear(in_features, out_features, bias=bias)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    if kind != "plain":
+        apply_weight_norm(layer, kind, **kwargs)
+    return layer
 
 
 def make_act(act: str | None) -> nn.Module:
@@ -288,12 +313,28 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+def reinit_weight(module: nn.Module, init: Callable[..., object], **kwargs: object) -> None:
+    """Apply the ``nn.init`` function ``init`` (e.g. ``nn.init.kaiming_normal_``) to
+    ``module.weight``. A parametrized weight (``wn``/``cwn``) is computed, so an in-place init
+    would be lost: the initialised tensor is assigned instead, which sets the parametrization's
+    parameters through its ``right_inverse`` (WN and CWN: v = the tensor, g = its norm). Draws
+    the same random numbers either way."""
+    if parametrize.is_parametrized(module, "weight"):
+        with torch.no_grad():
+            w = torch.empty_like(module.weight)
+            init(w, **kwargs)
+            module.weight = w
+    else:
+        init(module.weight, **kwargs)
+
+
 def init_weights(model: nn.Module, nonlinearity: str = "relu") -> nn.Module:
     """He (fan-out) initialization for convolutions and zero biases, the usual choice for the
-    papers' ReLU networks; linear layers keep torch's default. Norm layers keep their own init."""
+    papers' ReLU networks; linear layers keep torch's default. Norm layers keep their own init.
+    Weight-normalized convolutions (``wn``, ``cwn``) get it through :func:`reinit_weight`."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+            reinit_weight(m, nn.init.kaiming_normal_, mode="fan_out", nonlinearity=nonlinearity)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model

@@ -5,9 +5,11 @@ from normlab.nn import (
     fixedstats,
     mixture,
     mode,
+    renorm,
     simple,
     standard,
     std_loss,
+    switchable,
     sync,
     weight_std,
     whitening,
@@ -17,9 +19,11 @@ from normlab.nn.batch_channel import *  # noqa: F403
 from normlab.nn.fixedstats import *  # noqa: F403
 from normlab.nn.mixture import *  # noqa: F403
 from normlab.nn.mode import *  # noqa: F403
+from normlab.nn.renorm import *  # noqa: F403
 from normlab.nn.simple import *  # noqa: F403
 from normlab.nn.standard import *  # noqa: F403
 from normlab.nn.std_loss import *  # noqa: F403
+from normlab.nn.switchable import *  # noqa: F403
 from normlab.nn.sync import *  # noqa: F403
 from normlab.nn.weight_std import *  # noqa: F403
 from normlab.nn.whitening import *  # noqa: F403
@@ -37,5 +41,7 @@ __all__ = [
     *mode.__all__,
     *whitening.__all__,
     *fixedstats.__all__,
+    *switchable.__all__,
+    *renorm.__all__,
     *sync.__all__,
 ]
