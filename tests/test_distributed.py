@@ -107,6 +107,8 @@ CASES: dict[str, tuple] = {
         False,
     ),
     "torch_bn_net": (_torch_bn_net, (3, 4, 4), 0.5, 1.0, False),
+    "sn_4d": (lambda: normlab.SwitchNorm(5), (5, 3, 3), 1.0, 2.0, False),
+    "brn_4d": (lambda: normlab.BatchRenorm(5, r_max=2.0, d_max=1.0), (5, 3, 3), 1.0, 2.0, False),
     "bcn_large": (lambda: normlab.BCNorm(6, num_groups=3), (6, 4, 4), 1.0, 2.0, False),
     "bcn_large_2d": (lambda: normlab.BCNorm(6, num_groups=2), (6,), 0.0, 1.0, False),
     "bcn_micro": (

@@ -23,6 +23,8 @@ FAMILIES = [
     "mixture",
     "mode",
     "whitening",
+    "switchable",
+    "renorm",
     "fixedstats",
 ]
 

@@ -37,6 +37,7 @@ from normlab.models._blocks import (
     check_positive,
     conv_bias,
     make_act,
+    reinit_weight,
     scaled,
 )
 from normlab.models.registry import register_model
@@ -72,7 +73,7 @@ def _dcgan_init(model: nn.Module) -> nn.Module:
     # Radford et al.: weights from N(0, 0.02), biases zero; norms keep their own initialization.
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            reinit_weight(m, nn.init.normal_, mean=0.0, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
