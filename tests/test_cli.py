@@ -13,8 +13,9 @@ import torch
 
 import normlab
 from normlab.cli import main
-from normlab.train import read_metrics
-from normlab.train.quickstart import METHODS
+from normlab.experiments import run_quickstart
+from normlab.experiments.quickstart import METHODS
+from normlab.train import load_config, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,6 @@ def test_norms_lists_the_registry(capsys):
 
 
 def test_shipped_experiment_configs_are_valid():
-    from normlab.train import load_config
-
     # plain training configs (the paper experiment files with an [experiment] table have their
     # own runner and schema)
     files = [
@@ -185,8 +184,6 @@ def test_module_entry_point_runs():
 
 def test_quickstart_parallel_workers_match_in_process(tmp_path):
     # The default path uses spawned worker processes; the numbers must not depend on it.
-    from normlab.train.quickstart import run_quickstart
-
     kw = dict(
         seeds=1,
         epochs=1,

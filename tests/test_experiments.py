@@ -18,6 +18,7 @@ from normlab.experiments import (
     plan_runs,
     run_experiment,
 )
+from normlab.train import Trainer, build_model
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
 EXPS = list(available_experiments(ROOT))
@@ -63,8 +64,6 @@ def test_every_training_variant_builds_its_model():
     """Each distinct model of every variant at every scale is built (on the meta device, so
     WRN-28-10 costs nothing): catches kwargs a model does not take, which config validation
     cannot see."""
-    from normlab.train.loop import build_model
-
     classes = {"cifar100": 100, "multitask": 40, "digits-multidomain": 40}
     gray = {"digits", "digits-multidomain", "mnist", "fashion-mnist"}
     seen = set()
@@ -154,8 +153,6 @@ def test_small_scale_analysis_runs(name, tmp_path):
 
 
 def test_finished_runs_are_skipped_and_interrupted_runs_resume(tmp_path):
-    from normlab.train.loop import Trainer
-
     exp = load_experiment(ROOT / "stdloss_mnist.toml")
     over = ["train.steps=4", "train.eval_every_steps=2", "run.checkpoint_every_steps=1"]
     out = tmp_path / "run"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from normlab.cli import add_commands
 from normlab.experiments import load_experiment, run_experiment
-from normlab.report import add_commands, write_report
+from normlab.report import write_report
 from normlab.report.metrics import aggregate, evaluate_claims, load_suite_data, run_metric
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"

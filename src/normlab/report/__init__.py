@@ -1,4 +1,4 @@
-"""normlab.report: paper-format reports of experiment runs.
+"""normlab.report: paper-format reports of experiment runs (rendering only).
 
 ::
 
@@ -12,12 +12,16 @@
   (best / final accuracy, best after a fraction of training, steps to a reference's best,
   reduction, speed-up, StatDiff), aggregation over seeds and the claim checks;
 * :mod:`~normlab.report.plots` — error curves with ±1 std shading, losses, StatDiff, GMM fits;
-* :mod:`~normlab.report.analyses` — the non-training experiment kinds (SND/conditioning, cost,
-  DCGAN) with their report sections;
-* :mod:`~normlab.report.commands` — ``add_commands(subparsers)`` for ``normlab run`` / ``report``.
+* :mod:`~normlab.report.analyses` — the report sections of the analysis runners (SND /
+  conditioning, cost, DCGAN);
+* :mod:`~normlab.report.quickstart` — the quickstart's table and figure;
+* :mod:`~normlab.report.markdown` — Markdown tables and links.
+
+The package reads what :mod:`normlab.experiments` wrote; it runs nothing itself.
 """
 
-from normlab.report.commands import add_commands
-from normlab.report.report import markdown_table, write_report
+from normlab.report.markdown import markdown_table
+from normlab.report.quickstart import write_quickstart_report
+from normlab.report.report import paper_reference, write_report
 
-__all__ = ["add_commands", "markdown_table", "write_report"]
+__all__ = ["markdown_table", "paper_reference", "write_quickstart_report", "write_report"]

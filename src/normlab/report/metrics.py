@@ -29,12 +29,21 @@ import json
 import math
 import statistics
 import tomllib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normlab.experiments import Experiment, Variant
+import numpy as np
+
+from normlab.analysis.curves import (
+    best_accuracy,
+    best_after_fractions,
+    learning_curve,
+    steps_to_target,
+)
+from normlab.experiments import Experiment, Variant, load_suite
 
 __all__ = [
     "Agg",
@@ -117,8 +126,6 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_suite_data(run_dir: str | Path) -> SuiteData:
     """Read ``suite.json``, the experiment copy and every ``<variant>/seed<k>/`` directory."""
-    from normlab.experiments import load_suite
-
     root = Path(run_dir)
     suite, exp = load_suite(root)
     runs: dict[str, list[RunData]] = {}
@@ -154,8 +161,6 @@ def load_suite_data(run_dir: str | Path) -> SuiteData:
 
 
 def _curve(run: RunData, key: str = "test_acc") -> tuple[list[float], list[float]]:
-    from normlab.analysis.curves import learning_curve
-
     s, v = learning_curve(run.records, key)
     return list(s), list(v)
 
@@ -166,8 +171,6 @@ def _best(run: RunData) -> float | None:
 
 
 def _steps_to_own_best(run: RunData) -> float | None:
-    from normlab.analysis.curves import best_accuracy
-
     s, v = _curve(run)
     return float(best_accuracy(s, v)[1]) if v else None
 
@@ -184,8 +187,6 @@ def _ref_run(data: SuiteData, run: RunData, ref: str) -> RunData | None:
 
 def run_metric(data: SuiteData, run: RunData, metric: str) -> float | None:
     """The value of ``metric`` for one run (None when it cannot be computed)."""
-    from normlab.analysis.curves import best_after_fractions, steps_to_target
-
     name, _, arg = metric.partition(":")
     s = run.summary
     if name in ("best_acc", "best_error"):
@@ -333,8 +334,7 @@ _CMP = {
 
 
 def _spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    import numpy as np
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # scipy.stats is slow to import; only claims need it
 
     if len(xs) < 2 or np.allclose(ys, ys[0]):
         return 0.0
@@ -345,12 +345,10 @@ def _welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Two-sided p-value of Welch's t-test (None with fewer than 2 values a side or no spread)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    from scipy.stats import ttest_ind
+    from scipy.stats import ttest_ind  # scipy.stats is slow to import; only claims need it
 
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
         return None
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # near-identical samples
         p = float(ttest_ind(a, b, equal_var=False).pvalue)

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from normlab.analysis._plot import new_figure, save_figure
+from normlab.analysis.activations import plot_activation_gmms, plot_percentiles
+from normlab.analysis.statdiff import plot_stat_diff
 from normlab.report.metrics import RunData, SuiteData
 
 __all__ = [
@@ -100,8 +104,6 @@ def plot_curves(
     name: str = "curves",
 ) -> list[Path]:
     """Error curves (%) per group, one PNG per group: ``<name>_<group>.png``."""
-    from normlab.analysis._plot import new_figure, save_figure
-
     paths = []
     for group, names in _groups(data).items():
         if variants is not None:
@@ -140,8 +142,6 @@ def plot_curves(
 def plot_losses(data: SuiteData, out_dir: Path, x: str = "step", window: int = 10) -> list[Path]:
     """Collins et al., Fig. 1 (top): cross-entropy of train (circles) and test (squares), mean ± std over
     seeds, one PNG per group ``losses_<group>.png``."""
-    from normlab.analysis._plot import new_figure, save_figure
-
     paths = []
     for group, names in _groups(data).items():
         fig, axes = new_figure(size=(5.6, 3.8))
@@ -175,8 +175,6 @@ def plot_losses(data: SuiteData, out_dir: Path, x: str = "step", window: int = 1
 def plot_statdiff(data: SuiteData, out_dir: Path, x: str = "step") -> Path | None:
     """Qiao et al., Fig. 6: StatDiff mean ± std over layers against training, one curve per variant
     (averaged over seeds)."""
-    from normlab.analysis.statdiff import plot_stat_diff
-
     runs: dict[str, list[dict[str, Any]]] = {}
     for v in data.variants:
         hists = [r.statdiff for r in data.runs[v.name] if r.statdiff]
@@ -206,10 +204,6 @@ def plot_statdiff(data: SuiteData, out_dir: Path, x: str = "step") -> Path | Non
 
 def plot_gmm(run: RunData, out_dir: Path, ks: Sequence[int] = (1, 2, 3)) -> Path | None:
     """Kalayeh & Shah, Fig. 1: mixture fits (K = 1, 2, 3) of the activations snapshot of one run."""
-    import torch
-
-    from normlab.analysis.activations import plot_activation_gmms
-
     p = run.path / "gmm_snapshot.pt"
     if not p.is_file():
         return None
@@ -222,8 +216,6 @@ def plot_gmm(run: RunData, out_dir: Path, ks: Sequence[int] = (1, 2, 3)) -> Path
 
 def plot_percentile_runs(data: SuiteData, out_dir: Path) -> Path | None:
     """Collins et al., Fig. 4: activation percentiles over training, one panel per variant (seed 0)."""
-    from normlab.analysis.activations import plot_percentiles
-
     runs = {}
     q = None
     for v in data.variants:

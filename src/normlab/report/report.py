@@ -29,11 +29,18 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from normlab.experiments import _match, _runner
+import torch
+
+import normlab
+from normlab.analysis.curves import plot_speedup
+from normlab.experiments import Experiment, get_runner, match_variants
+from normlab.experiments.spec import SpeedupPlot
+from normlab.report.analyses import REPORTS
+from normlab.report.markdown import markdown_table, relative_link
 from normlab.report.metrics import (
     SuiteData,
     aggregate,
@@ -43,40 +50,41 @@ from normlab.report.metrics import (
     load_suite_data,
     metric_values,
 )
+from normlab.report.plots import (
+    plot_curves,
+    plot_gmm,
+    plot_losses,
+    plot_percentile_runs,
+    plot_statdiff,
+    safe_name,
+)
+from normlab.train import atomic_write_text, config_from_dict, diff_configs
 
-__all__ = ["markdown_table", "write_report"]
+__all__ = ["markdown_table", "paper_reference", "write_report"]
 
 MARK = {True: "✓", False: "✗", None: "?"}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table ('|' in cells escaped)."""
-
-    def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
-    lines.append("|" + "|".join(" --- " for _ in header) + "|")
-    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return os.path.relpath(path, base).replace(os.sep, "/")
-    except ValueError:  # different drives
-        return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
 # header and protocol
 
 
+def paper_reference(exp: Experiment) -> str:
+    """What an experiment reproduces, as the paper and its table / figure: ``cite`` when it
+    starts with the paper's short citation (``source``), else ``"source, cite"``.
+
+    Example::
+
+        >>> from normlab.experiments import load_experiment
+        >>> paper_reference(load_experiment("mixture_cost"))
+        'Kalayeh & Shah, Table 7 (iterations/sec. on a Titan X), Sec. 5.1'
+    """
+    if not exp.source or exp.cite.startswith(exp.source):
+        return exp.cite
+    return f"{exp.source}, {exp.cite}" if exp.cite else exp.source
+
+
 def _header(data: SuiteData) -> list[str]:
-    import torch
-
-    import normlab
-
     exp, suite = data.experiment, data.suite
     env: dict[str, Any] = {}
     for runs in data.runs.values():
@@ -86,12 +94,12 @@ def _header(data: SuiteData) -> list[str]:
             break
     n_runs = sum(len(r) for r in data.runs.values())
     finished = sum(1 for rs in data.runs.values() for r in rs if r.finished)
+    ref = paper_reference(exp)
     lines = [
         f"# {exp.title}",
         "",
-        f"Reproduces **{exp.cite}**"
-        + (f" (paper text `{exp.source}`)" if exp.source else "")
-        + f". Experiment `{exp.name}`, scale **{suite.get('scale')}**, "
+        (f"Reproduces **{ref}**. " if ref else "")
+        + f"Experiment `{exp.name}`, scale **{suite.get('scale')}**, "
         f"{suite.get('seeds')} seed(s), {finished}/{n_runs} runs finished.",
         "",
         f"Generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} by normlab "
@@ -123,8 +131,6 @@ def _run_time(data: SuiteData) -> float:
 
 
 def _protocol(data: SuiteData) -> list[str]:
-    from normlab.train.config import config_from_dict, diff_configs
-
     exp, scale = data.experiment, data.suite.get("scale", "full")
     lines = ["## Protocol", ""]
     first = next((rs[0] for rs in data.runs.values() if rs and rs[0].config), None)
@@ -225,10 +231,10 @@ def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
     n_seeds = data.suite.get("seeds")
     scale = data.suite.get("scale")
     for t in exp.tables:
-        cols = list(t["columns"])
-        heads = list(t.get("headers") or cols)
-        paper = t.get("paper", {}) or {}
-        rows_sel = _match(names, t["rows"], "table.rows") if t.get("rows") else names
+        cols = list(t.columns)
+        heads = list(t.headers or cols)
+        paper = t.paper
+        rows_sel = match_variants(names, t.rows, "table.rows") if t.rows else names
         has_group = any(exp.variant(n).group for n in rows_sel)
         header = (["group"] if has_group else []) + ["model", "setting"]
         for h in heads:
@@ -268,16 +274,16 @@ def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
                     "paper": paper.get(n),
                 }
             )
-        lines += [f"### {t.get('title', 'Results')}", ""]
+        lines += [f"### {t.title or 'Results'}", ""]
         lines.append(
             f"Ours: mean ± std over {n_seeds} seed(s) at scale {scale}"
             + ("; paper: the paper's numbers at its full scale." if paper else ".")
         )
-        if t.get("note"):
-            lines.append(str(t["note"]))
+        if t.note:
+            lines.append(t.note)
         lines += ["", markdown_table(header, rows), ""]
         results.setdefault("tables", []).append(
-            {"title": t.get("title"), "columns": cols, "rows": tres}
+            {"title": t.title or None, "columns": cols, "rows": tres}
         )
     return lines
 
@@ -313,7 +319,7 @@ def _train_lookup(
             if not vals:
                 return [(None, None)]
             lower = metric.partition(":")[0] in _LOWER_IS_BETTER
-            pick = claim.get("pick", "min" if lower else "max")
+            pick = claim.get("pick") or ("min" if lower else "max")
             return [(None, min(vals) if pick == "min" else max(vals))]
         return [(None, value(side, metric))]
 
@@ -372,58 +378,40 @@ def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list
 
 
 def _train_plots(data: SuiteData, out: Path) -> list[Path]:
-    from normlab.report import plots as P
-
     spec = data.experiment.plots
     paths: list[Path] = []
-    cur = spec.get("curves", {})
-    if cur is not False:
-        cur = cur if isinstance(cur, dict) else {}
-        paths += P.plot_curves(
-            data,
-            out,
-            x=cur.get("x", "epoch"),
-            train=cur.get("train", True),
-            window=int(cur.get("window", 10)),
-            logy=bool(cur.get("logy", False)),
-        )
-    if spec.get("losses"):
-        lo = spec["losses"] if isinstance(spec["losses"], dict) else {}
-        paths += P.plot_losses(data, out, x=lo.get("x", "step"))
+    cur = spec.curves
+    if cur is not None:
+        paths += plot_curves(data, out, x=cur.x, train=cur.train, window=cur.window, logy=cur.logy)
+    if spec.losses is not None:
+        paths += plot_losses(data, out, x=spec.losses.x)
     if any(r.statdiff for rs in data.runs.values() for r in rs):
-        p = P.plot_statdiff(data, out)
+        p = plot_statdiff(data, out)
         if p:
             paths.append(p)
-    gmm_sel = spec.get("gmm")
     for v in data.variants:
-        if gmm_sel is False or (
-            isinstance(gmm_sel, list) and not any(fnmatch.fnmatchcase(v.name, g) for g in gmm_sel)
-        ):
+        if spec.gmm is not None and not any(fnmatch.fnmatchcase(v.name, g) for g in spec.gmm):
             continue
-        p = P.plot_gmm(data.runs[v.name][0], out)
+        p = plot_gmm(data.runs[v.name][0], out)
         if p:
             paths.append(p)
     if any(r.percentiles for rs in data.runs.values() for r in rs):
-        p = P.plot_percentile_runs(data, out)
+        p = plot_percentile_runs(data, out)
         if p:
             paths.append(p)
-    sp = spec.get("speedup")
-    if sp:
-        paths += _speedup_plots(data, out, sp)
+    if spec.speedup is not None:
+        paths += _speedup_plots(data, out, spec.speedup)
     return paths
 
 
-def _speedup_plots(data: SuiteData, out: Path, spec: dict[str, Any]) -> list[Path]:
+def _speedup_plots(data: SuiteData, out: Path, spec: SpeedupPlot) -> list[Path]:
     """Collins et al., Fig. 5: speed-up over the baseline across training (seed 0 of each variant)."""
-    from normlab.analysis.curves import plot_speedup
-    from normlab.report.plots import safe_name
-
     paths = []
     groups: dict[str, list[str]] = {}
     for v in data.variants:
         groups.setdefault(v.group, []).append(v.name)
     for group, names in groups.items():
-        base = data.resolve(spec.get("baseline", ""), group)
+        base = data.resolve(spec.baseline, group)
         if base is None or base not in data.runs:
             continue
         methods = {
@@ -482,21 +470,19 @@ def write_report(
         plots = _train_plots(data, out_dir)
         _curve_summary(data, results)
     else:
-        from normlab.report.analyses import REPORTS
-
-        runner = _runner(exp.analysis.get("runner"), exp.name).name
+        runner = get_runner(exp.analysis.get("runner"), exp.name).name
+        if runner not in REPORTS:
+            raise ValueError(f"{exp.name}: the analysis runner {runner!r} has no report section")
         body, rows, plots = REPORTS[runner](data, out_dir, results)
         lines += ["## Results", "", *body]
         lines += _claims_section(rows, results)
     if plots:
         lines += ["## Figures", ""]
         for p in plots:
-            lines += [f"![{p.stem}]({_rel(p, out_dir)})", ""]
+            lines += [f"![{p.stem}]({relative_link(p, out_dir)})", ""]
     disc = out_dir / "discussion.md"
     if disc.is_file():
         lines += ["## Discussion", "", disc.read_text(encoding="utf-8").strip(), ""]
-    from normlab.train.checkpoint import atomic_write_text
-
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=_num) + "\n")
