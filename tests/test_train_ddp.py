@@ -1,4 +1,4 @@
-"""Multi-process training (issue 9): ``normlab train`` under torchrun, DDP, the distributed
+"""Multi-process training: ``normlab train`` under torchrun, DDP, the distributed
 sampler, gathered evaluation, rank-0-only files, resume.
 
 Oracles: a one-process run with the same global batch (same seed, same data order) — the
@@ -28,7 +28,16 @@ from normlab.train.loop import Trainer
 pytestmark = pytest.mark.distributed
 
 TIME_KEYS = {"time", "train_time"}
-RUN_FILES = {"checkpoint.pt", "config.toml", "env.json", "metrics.jsonl", "summary.json"}
+RUN_FILES = {
+    "checkpoint.pt",
+    "checkpoint.pt.sha256",
+    "config.toml",
+    "env.json",
+    "metrics.jsonl",
+    "summary.json",
+}
+# a run that checkpointed more than once also keeps the checkpoint before the latest
+WITH_PREVIOUS = RUN_FILES | {"checkpoint.prev.pt", "checkpoint.prev.pt.sha256"}
 
 # The CLI run: small_cnn with bn on digits, global batch 64, synchronised statistics.
 CLI_SET = [
@@ -210,7 +219,7 @@ def test_sync_stats_flag_synchronises_the_model():
 def test_rank_zero_alone_writes_the_run_directory(spawned):
     tmp, (r0, _) = spawned
     run = tmp / "full"
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in run.iterdir()} == WITH_PREVIOUS
     # one writer: one line per record (a second writer would append its own copies)
     assert len(read_metrics(run)) == len(r0["full_history"])
     env = json.loads((run / "env.json").read_text())
@@ -232,7 +241,7 @@ def test_normlab_train_under_torchrun_matches_one_process(tmp_path):
     proc = _torchrun(["-m", "normlab.cli", "train", str(cfg_file), *sets], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "two"
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in run.iterdir()} == WITH_PREVIOUS
     two = read_metrics(run)
     # rank 0 alone logs and prints
     assert proc.stderr.count("epoch 1 step 22/66") == 1, proc.stderr[-3000:]
@@ -261,7 +270,7 @@ def test_normlab_run_under_torchrun(tmp_path):
     args = ["-m", "normlab.cli", "run", str(exp), "--scale", "full", "--out", "out", "--no-report"]
     proc = _torchrun(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("mn seed 0: training") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("training mn seed 0") == 1, proc.stderr[-3000:]
     out = tmp_path / "out"
     suite = json.loads((out / "suite.json").read_text())
     assert [r["status"] for r in suite["runs"]] == ["trained"]

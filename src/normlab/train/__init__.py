@@ -8,12 +8,24 @@
     result.summary["best_test_acc"]
 
 Pieces: :mod:`~normlab.train.config` (nested dataclasses from TOML + dotted overrides),
-:mod:`~normlab.train.optim` (optimizers, schedules), :mod:`~normlab.train.checkpoint` (atomic,
-``weights_only``-safe checkpoints and RNG states), :mod:`~normlab.train.loop` (the loop and run
-directory) and :mod:`~normlab.train.quickstart` (the ``normlab quickstart`` comparison).
+:mod:`~normlab.train.optim` (optimizers, schedules), :mod:`~normlab.train.build` (the model and
+what its layers add to the loop: auxiliary losses, step hooks), :mod:`~normlab.train.loop` (the
+loop), :mod:`~normlab.train.rundir` (the run directory and resume),
+:mod:`~normlab.train.checkpoint` (atomic, checksummed, ``weights_only``-safe checkpoints and RNG
+states), :mod:`~normlab.train.ddp` (the multi-process context) with
+:mod:`~normlab.train.distributed` (joining a ``torchrun`` job), and
+:mod:`~normlab.train.quickstart` (the ``normlab quickstart`` comparison).
 """
 
+from normlab.train.build import (
+    BuiltModel,
+    Wiring,
+    build_training_model,
+    register_wiring,
+)
 from normlab.train.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
     atomic_write_text,
     capture_rng,
     load_checkpoint,
@@ -37,6 +49,7 @@ from normlab.train.config import (
     load_config,
     parse_override,
 )
+from normlab.train.ddp import DDPContext, RemoteRankError
 from normlab.train.loop import (
     RunResult,
     Trainer,
@@ -48,23 +61,33 @@ from normlab.train.loop import (
     train,
 )
 from normlab.train.optim import LRSchedule, build_optimizer, param_groups
+from normlab.train.rundir import RESUME_MUTABLE_KEYS, RunDir
 
 __all__ = [
+    "RESUME_MUTABLE_KEYS",
+    "BuiltModel",
+    "CheckpointError",
+    "CheckpointWarning",
     "Config",
     "ConfigError",
+    "DDPContext",
     "DataConfig",
     "LRSchedule",
     "ModelConfig",
     "OptimConfig",
+    "RemoteRankError",
     "RunConfig",
+    "RunDir",
     "RunResult",
     "ScheduleConfig",
     "TrainConfig",
     "Trainer",
+    "Wiring",
     "apply_overrides",
     "atomic_write_text",
     "build_model",
     "build_optimizer",
+    "build_training_model",
     "capture_rng",
     "config_from_dict",
     "config_to_dict",
@@ -77,6 +100,7 @@ __all__ = [
     "parse_override",
     "progress_enabled",
     "read_metrics",
+    "register_wiring",
     "restore_rng",
     "save_checkpoint",
     "select_device",

@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.data import available_datasets
+from normlab.models import available_models
+from normlab.models._blocks import parse_conv
+from normlab.nn.registry import available_norms, parse_spec
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -428,8 +433,6 @@ def _patterns(value: str | list, key: str) -> list[str]:
 
 
 def _check_spec(spec: str | dict, key: str) -> None:
-    from normlab.nn.registry import available_norms, parse_spec
-
     try:
         name, _ = parse_spec(spec)
     except (ValueError, TypeError) as e:
@@ -440,8 +443,6 @@ def _check_spec(spec: str | dict, key: str) -> None:
 
 
 def _check_conv(spec: str | dict, key: str) -> None:
-    from normlab.models._blocks import parse_conv
-
     try:
         parse_conv(spec)
     except (ValueError, TypeError) as e:
@@ -450,23 +451,16 @@ def _check_conv(spec: str | dict, key: str) -> None:
 
 
 def _cross_checks(c: Config) -> None:
-    from normlab.data import available_datasets
-
     datasets = available_datasets()
     if c.data.name.lower() not in datasets:
         raise ConfigError(
             f"data.name: unknown dataset {c.data.name!r}; valid names: {', '.join(datasets)}"
         )
-    try:
-        from normlab.models import available_models
-    except ImportError:  # pragma: no cover - models package under construction
-        available_models = None
-    if available_models is not None:
-        models = list(available_models())
-        if c.model.name not in models:
-            raise ConfigError(
-                f"model.name: unknown model {c.model.name!r}; valid names: {', '.join(models)}"
-            )
+    models = list(available_models())
+    if c.model.name not in models:
+        raise ConfigError(
+            f"model.name: unknown model {c.model.name!r}; valid names: {', '.join(models)}"
+        )
     _check_spec(c.model.norm, "model.norm")
     _check_spec(c.model.base_norm, "model.base_norm")
     _check_conv(c.model.conv, "model.conv")
@@ -703,3 +697,29 @@ def dump_toml(d: Mapping[str, Mapping[str, Any]] | Config) -> str:
                 lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def dataclass_from_table(cls: type[Any], table: Any, where: str) -> Any:
+    """Build the dataclass ``cls`` from a TOML table, checked like a config section.
+
+    Unknown keys (with a close-match suggestion), missing required fields, wrong types and values
+    outside a field's ``choices`` / ``ge`` / ``gt`` / ``le`` / ``lt`` metadata raise
+    :class:`ConfigError` naming ``where.key``. Annotate the fields with the types the config
+    sections use (``int``, ``float``, ``bool``, ``str``, ``list``, ``dict`` and unions of them).
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    fs = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in table:
+        if k not in fs:
+            raise ConfigError(
+                f"{where}.{k}: unknown key{_suggest(str(k), fs)}; valid keys: {', '.join(fs)}"
+            )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fs.items():
+        if name in table:
+            kwargs[name] = _coerce(table[name], hints[name], f"{where}.{name}", f.metadata)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: needs '{name}'")
+    return cls(**kwargs)
