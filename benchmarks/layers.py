@@ -4,19 +4,32 @@ Each row is measured as a ratio to its baseline in the same process (nn.BatchNor
 nn.BatchNorm1d for 2-D input, nn.GroupNorm for the per-sample norms gn/ln/in/mgn, nn.Conv2d for
 WSConv2d), as the median of per-pair ratios over alternating runs. Run::
 
-    python benchmarks/layers.py                      # every row
+    python benchmarks/layers.py                      # every row, eager, float32
     python benchmarks/layers.py --only "mixture*"    # rows whose spec matches the glob
     python benchmarks/layers.py --pairs 40 --device cuda
+    python benchmarks/layers.py --compile            # compiled layer vs compiled baseline
+    python benchmarks/layers.py --dtype bfloat16 --shape 64,128,32,32 --budget 120
+
+``--compile`` compiles every layer and its baseline (``torch.compile``, inductor,
+``fullgraph=True``, or with graph breaks where that fails: the ``graph`` column says which) and
+adds the ratio of the compiled layer to its own eager self. ``--dtype bfloat16`` feeds bfloat16
+inputs to float32 layers (they keep float32 statistics; the conv row runs under autocast). A
+layer that fails (to compile) gets its error in its row; the other rows go on. ``--only`` may be
+repeated: rows come in the order of the first pattern they match. ``--budget`` stops starting
+rows after that many seconds; the rows left are listed as skipped.
 
 Absolute times are printed for reference; only the ratios are comparable across machines.
-TARGETS are the speed goals of the 4-D rows (a ratio to the baseline); the last full CPU run is
-``benchmarks/results_cpu.txt``.
+TARGETS are the speed goals of the 4-D rows (a ratio to the baseline, eager or compiled alike);
+a compiled layer should also be at most COMPILED_VS_EAGER times its eager self. The last full
+CPU run is ``benchmarks/results_cpu.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +40,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import normlab
-from _timing import paired_ratio, peak_memory, reexec_with_malloc_env
+from _timing import (
+    Budget,
+    compile_module,
+    interleaved_times,
+    median_ratio,
+    paired_ratio,
+    parse_dtype,
+    peak_memory,
+    raise_recompile_limit,
+    reexec_with_malloc_env,
+    short_error,
+)
 
 SHAPE_4D = (64, 128, 16, 16)
 SHAPE_2D = (256, 512)
+WS_ROW = "WSConv2d"
 
 # Configurations with a speed target or kept as reference rows: (spec, baseline kind).
 EXTRA_ROWS: list[tuple[str, str]] = [
@@ -50,8 +75,9 @@ TARGETS = {
     "mode(k=2)": 2.5,
     "mgn(k=2)": 2.5,
     "iternorm(group_size=64, iters=5)": 3.0,
-    "WSConv2d": 1.15,
+    WS_ROW: 1.15,
 }
+COMPILED_VS_EAGER = 1.05
 
 
 @dataclass
@@ -59,83 +85,147 @@ class Row:
     spec: str
     shape: tuple[int, ...]
     baseline: str
-    ratio: float
-    ms: float
-    base_ms: float
-    mem: float | None
-    base_mem: float | None
+    ratio: float = float("nan")
+    ms: float = float("nan")
+    base_ms: float = float("nan")
+    mem: float | None = None
+    base_mem: float | None = None
+    vs_eager: float | None = None  # compiled layer / eager layer (--compile only)
+    graph: str = ""  # how the layer compiled (--compile only)
+    error: str | None = None  # the row failed: why
+
+    @property
+    def target(self) -> float | None:
+        return TARGETS.get(self.spec) if len(self.shape) == 4 else None
+
+
+@dataclass
+class Options:
+    device: torch.device
+    dtype: torch.dtype
+    pairs: int
+    compile: bool
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+
+    def compile_with(
+        self, module: nn.Module, trial: Callable[[nn.Module], None]
+    ) -> tuple[nn.Module, str]:
+        return compile_module(module, trial, self.compile_mode, self.compile_backend)
 
 
 def _baseline(kind: str, c: int, ndim: int) -> nn.Module:
     if kind == "gn":
         return nn.GroupNorm(normlab.nn.default_num_groups(c), c)
+    if kind == "conv":
+        return nn.Conv2d(c, c, 3, padding=1, bias=False)
     return nn.BatchNorm2d(c) if ndim == 4 else nn.BatchNorm1d(c)
 
 
-def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+def _baseline_name(kind: str, ndim: int) -> str:
+    names = {"gn": "GroupNorm", "conv": "Conv2d"}
+    return names.get(kind, "BatchNorm2d" if ndim == 4 else "BatchNorm1d")
+
+
+def _candidate(spec: str, c: int) -> nn.Module:
+    if spec == WS_ROW:
+        return normlab.WSConv2d(c, c, 3, padding=1, bias=False)
+    return normlab.make_norm(spec, c)
+
+
+def _step(
+    module: nn.Module, x: torch.Tensor, g: torch.Tensor, autocast: bool = False
+) -> Callable[[], None]:
+    ctx = (
+        (lambda: torch.autocast(x.device.type, dtype=x.dtype))
+        if autocast
+        else contextlib.nullcontext
+    )
+
     def step() -> None:
         x.grad = None
         for p in module.parameters():
             p.grad = None
-        y = module(x)
+        with ctx():
+            y = module(x)
         y.backward(g)
 
     return step
 
 
-def bench_norm(
-    spec: str, kind: str, shape: tuple[int, ...], device: torch.device, pairs: int
+class CompiledBaselines:
+    """One compiled baseline per (kind, shape, dtype), shared by the rows that use it."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self._cache: dict[tuple, tuple[nn.Module, str]] = {}
+
+    def get(self, kind: str, x: torch.Tensor, g: torch.Tensor) -> nn.Module:
+        key = (kind, tuple(x.shape), x.dtype)
+        if key not in self._cache:
+            torch.manual_seed(0)
+            base = _baseline(kind, x.shape[1], x.dim()).to(self.opts.device).train()
+            autocast = kind == "conv" and x.dtype != torch.float32
+            self._cache[key] = self.opts.compile_with(base, lambda m: _step(m, x, g, autocast)())
+        return self._cache[key][0]
+
+
+def bench_row(
+    spec: str,
+    kind: str,
+    shape: tuple[int, ...],
+    opts: Options,
+    compiled_bases: CompiledBaselines | None = None,
 ) -> Row:
-    c = shape[1]
+    """One row: ``spec`` vs its baseline at ``shape`` (eager, or both compiled)."""
+    row = Row(spec, shape, _baseline_name(kind, len(shape)))
+    c, dev = shape[1], opts.device
+    autocast = kind == "conv" and opts.dtype != torch.float32
     torch.manual_seed(0)
-    layer = normlab.make_norm(spec, c).to(device).train()
-    base = _baseline(kind, c, len(shape)).to(device).train()
-    x = torch.randn(*shape, device=device, requires_grad=True)
-    g = torch.randn(*shape, device=device)
-    a, b = _step(layer, x, g), _step(base, x, g)
-    ratio, ta, tb = paired_ratio(a, b, device, pairs=pairs)
-    base_name = {"gn": "GroupNorm", "bn": "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"}
-    return Row(
-        spec,
-        shape,
-        base_name[kind],
-        ratio,
-        ta * 1e3,
-        tb * 1e3,
-        peak_memory(a, device),
-        peak_memory(b, device),
-    )
+    layer = _candidate(spec, c).to(dev).train()
+    base = None if opts.compile else _baseline(kind, c, len(shape)).to(dev).train()
+    x = torch.randn(*shape, device=dev).to(opts.dtype).requires_grad_(True)
+    g = torch.randn(*shape, device=dev).to(opts.dtype)
+    if base is not None:
+        a, b = _step(layer, x, g, autocast), _step(base, x, g, autocast)
+        row.ratio, ta, tb = paired_ratio(a, b, dev, pairs=opts.pairs)
+    else:
+        assert compiled_bases is not None
+        eager = _step(layer, x, g, autocast)
+        try:
+            compiled, row.graph = opts.compile_with(layer, lambda m: _step(m, x, g, autocast)())
+        except Exception as exc:  # the row shows why the layer does not compile
+            row.error = f"compile failed: {short_error(exc)}"
+            return row
+        a = _step(compiled, x, g, autocast)
+        b = _step(compiled_bases.get(kind, x, g), x, g, autocast)
+        times = interleaved_times([a, b, eager], dev, rounds=opts.pairs)
+        row.ratio, row.vs_eager = median_ratio(times, 0, 1), median_ratio(times, 0, 2)
+        ta, tb = statistics.median(times[0]), statistics.median(times[1])
+    row.ms, row.base_ms = ta * 1e3, tb * 1e3
+    row.mem, row.base_mem = peak_memory(a, dev), peak_memory(b, dev)
+    return row
 
 
-def bench_ws(device: torch.device, pairs: int) -> Row:
-    torch.manual_seed(0)
-    conv = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device)
-    ws = normlab.WSConv2d(128, 128, 3, padding=1, bias=False).to(device)
-    x = torch.randn(*SHAPE_4D, device=device, requires_grad=True)
-    g = torch.randn(*SHAPE_4D, device=device)
-    a, b = _step(ws, x, g), _step(conv, x, g)
-    ratio, ta, tb = paired_ratio(a, b, device, pairs=pairs)
-    return Row(
-        "WSConv2d",
-        SHAPE_4D,
-        "Conv2d",
-        ratio,
-        ta * 1e3,
-        tb * 1e3,
-        peak_memory(a, device),
-        peak_memory(b, device),
-    )
+def _matches(spec: str, patterns: list[str]) -> int | None:
+    """Index of the first pattern ``spec`` matches (None: none does)."""
+    return next((i for i, p in enumerate(patterns) if fnmatch.fnmatch(spec, p)), None)
 
 
-def rows_to_run(only: str | None) -> list[tuple[str, str]]:
+def rows_to_run(only: str | list[str] | None) -> list[tuple[str, str]]:
+    """(spec, baseline kind) of every row, in table order; ``only``: globs, rows ordered by the
+    first glob they match."""
     rows = [(n, "gn" if n in GN_BASELINE else "bn") for n in normlab.available_norms()]
     registered = set(normlab.available_norms())
     for spec, kind in EXTRA_ROWS:
         name, _ = normlab.parse_spec(spec)
         if name in registered and (spec, kind) not in rows:
             rows.append((spec, kind))
+    rows.append((WS_ROW, "conv"))
     if only:
-        rows = [r for r in rows if fnmatch.fnmatch(r[0], only)]
+        patterns = [only] if isinstance(only, str) else list(only)
+        keyed = [(_matches(r[0], patterns), i, r) for i, r in enumerate(rows)]
+        rows = [r for k, _, r in sorted((k, i, r) for k, i, r in keyed if k is not None)]
     return rows
 
 
@@ -143,55 +233,177 @@ def _fmt_mem(v: float | None) -> str:
     return "n/a" if v is None else f"{v / 2**20:.1f}"
 
 
-def format_table(rows: list[Row]) -> str:
+def _met(value: float | None, target: float | None) -> bool | None:
+    if value is None or target is None or value != value:
+        return None
+    return value <= target
+
+
+def header(compiled: bool) -> str:
     head = (
         f"{'spec':<34} {'shape':<16} {'baseline':<12} {'time ratio':>10} {'target':>7} "
         f"{'ms':>8} {'base ms':>8} {'peak MiB':>9} {'base MiB':>9} {'mem ratio':>9}"
     )
-    lines = [head, "-" * len(head)]
+    if compiled:
+        head += f" {'vs eager':>9} {'target':>7}  graph"
+    return f"{head}\n{'-' * len(head)}"
+
+
+def format_row(r: Row, compiled: bool) -> str:
+    lead = f"{r.spec:<34} {'x'.join(map(str, r.shape)):<16} {r.baseline:<12} "
+    if r.error is not None:
+        return lead + f"FAILED  {r.error}"
+    t = f"≤{r.target:g}" if r.target else ""
+    mr = f"{r.mem / r.base_mem:.2f}" if r.mem is not None and r.base_mem else "n/a"
+    line = (
+        f"{lead}{r.ratio:>9.2f}x {t:>7} {r.ms:>8.2f} {r.base_ms:>8.2f} {_fmt_mem(r.mem):>9} "
+        f"{_fmt_mem(r.base_mem):>9} {mr:>9}"
+    )
+    if compiled:
+        ve = "n/a" if r.vs_eager is None else f"{r.vs_eager:.2f}x"
+        line += f" {ve:>9} {'≤' + format(COMPILED_VS_EAGER, 'g'):>7}  {r.graph}"
+    return line
+
+
+def format_table(rows: list[Row], compiled: bool = False) -> str:
+    return "\n".join([header(compiled), *(format_row(r, compiled) for r in rows)])
+
+
+def target_summary(rows: list[Row], compiled: bool, skipped: int = 0) -> str:
+    """One line: how many targets the rows met, which they missed, and the failed rows."""
+    met, missed = 0, []
     for r in rows:
-        target = TARGETS.get(r.spec) if len(r.shape) == 4 else None
-        t = f"≤{target:g}" if target else ""
-        mr = f"{r.mem / r.base_mem:.2f}" if r.mem is not None and r.base_mem else "n/a"
-        lines.append(
-            f"{r.spec:<34} {'x'.join(map(str, r.shape)):<16} {r.baseline:<12} "
-            f"{r.ratio:>9.2f}x {t:>7} {r.ms:>8.2f} {r.base_ms:>8.2f} {_fmt_mem(r.mem):>9} "
-            f"{_fmt_mem(r.base_mem):>9} {mr:>9}"
+        checks = [(r.ratio, r.target, "")]
+        if compiled:
+            checks.append((r.vs_eager, COMPILED_VS_EAGER, " vs eager"))
+        for value, target, what in checks:
+            ok = _met(value, target)
+            if ok:
+                met += 1
+            elif ok is not None:
+                shape = "x".join(map(str, r.shape))
+                missed.append(f"{r.spec} {shape}{what} {value:.2f}x > {target:g}")
+    failed = [f"{r.spec} {'x'.join(map(str, r.shape))}" for r in rows if r.error]
+    parts = [f"targets: {met} met, {len(missed)} missed"]
+    if missed:
+        parts.append("missed: " + "; ".join(missed))
+    if failed:
+        parts.append(f"{len(failed)} failed: " + "; ".join(failed))
+    if skipped:
+        parts.append(f"{skipped} rows skipped (time budget spent)")
+    return " | ".join(parts)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 4) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--shape must be N,C or N,C,H,W with positive integers, got {text!r}"
         )
-    return "\n".join(lines)
+    return shape
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--only", help="glob over specs (e.g. 'mode*'); 'WSConv2d' selects the conv row")
+    p.add_argument(
+        "--only",
+        action="append",
+        help="glob over specs (e.g. 'mode*'; 'WSConv2d' selects the conv row); repeatable",
+    )
     p.add_argument(
         "--pairs", type=int, default=20, help="alternating A/B pairs per row (default 20)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-2d", action="store_true", help="skip the 2-D (256, 512) rows")
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=_shape,
+        help="N,C,H,W or N,C; repeatable (default 64,128,16,16 and 256,512)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="compiled layers vs compiled baselines")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager"],
+        help="aot_eager: trace forward and backward only (a fast check, no fused kernels)",
+    )
+    p.add_argument("--budget", type=float, help="seconds after which no new row starts")
+    p.add_argument(
+        "--by-shape", action="store_true", help="every row at the first shape, then the next"
+    )
+    return p
+
+
+def row_plan(
+    rows: list[tuple[str, str]], shapes: list[tuple[int, ...]], by_shape: bool
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(spec, baseline kind, shape) in measuring order; the conv row at the first 4-D shape."""
+    ws_shape = next((s for s in shapes if len(s) == 4), SHAPE_4D)
+    per_row = [[ws_shape] if kind == "conv" else shapes for _, kind in rows]
+    plan = [(spec, kind, s) for (spec, kind), ss in zip(rows, per_row) for s in ss]
+    if by_shape:
+        order: dict[tuple[int, ...], int] = {}
+        for s in [*shapes, ws_shape]:
+            order.setdefault(s, len(order))
+        plan.sort(key=lambda r: order[r[2]])  # stable: row order within a shape
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.pairs < 1:
+        p.error(f"--pairs must be at least 1, got {args.pairs}")
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget must be positive seconds, got {args.budget}")
+    budget = Budget(args.budget)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    opts = Options(
+        torch.device(args.device),
+        parse_dtype(args.dtype),
+        args.pairs,
+        args.compile,
+        args.compile_mode,
+        args.compile_backend,
+    )
+    if opts.compile:
+        raise_recompile_limit()
+    how = opts.compile_mode if opts.compile_backend == "inductor" else opts.compile_backend
+    mode = f"compiled ({how})" if opts.compile else "eager"
     print(
-        f"normlab {normlab.__version__}, torch {torch.__version__}, device {device}, "
-        f"threads {torch.get_num_threads()}, pairs {args.pairs}",
+        f"normlab {normlab.__version__}, torch {torch.__version__}, device {opts.device}, "
+        f"threads {torch.get_num_threads()}, pairs {opts.pairs}, {mode}, {args.dtype}",
         flush=True,
     )
+    shapes = args.shape or [SHAPE_4D] + ([] if args.no_2d else [SHAPE_2D])
+    bases = CompiledBaselines(opts) if opts.compile else None
+    print(header(opts.compile), flush=True)
     rows: list[Row] = []
-    shapes = [SHAPE_4D] + ([] if args.no_2d else [SHAPE_2D])
-    for spec, kind in rows_to_run(args.only):
-        for shape in shapes:
-            try:
-                rows.append(bench_norm(spec, kind, shape, device, args.pairs))
-            except Exception as exc:  # a broken layer should not hide the other rows
-                print(f"!! {spec} {shape}: {type(exc).__name__}: {exc}", flush=True)
-            print(f"  measured {spec} {shape}", file=sys.stderr, flush=True)
-    if args.only is None or fnmatch.fnmatch("WSConv2d", args.only):
-        rows.append(bench_ws(device, args.pairs))
-    print(format_table(rows))
+    skipped = 0
+    for spec, kind, shape in row_plan(rows_to_run(args.only), shapes, args.by_shape):
+        if budget.spent():
+            skipped += 1
+            continue
+        try:
+            row = bench_row(spec, kind, shape, opts, bases)
+        except Exception as exc:  # a broken layer should not hide the other rows
+            row = Row(spec, shape, _baseline_name(kind, len(shape)), error=short_error(exc))
+        rows.append(row)
+        print(format_row(row, opts.compile), flush=True)
+    print(target_summary(rows, opts.compile, skipped), flush=True)
     return 0
 
 

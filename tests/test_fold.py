@@ -1,4 +1,8 @@
-"""normlab.fold: eval-affine norms merged into their preceding conv/linear; the rest reported."""
+"""normlab.fold: eval-affine norms merged into their preceding conv/linear; the rest reported.
+
+The models run on the device of ``pytest --device``, with TF32 off (on a GPU, TF32 convolutions
+would round the folded and the unfolded model differently, far beyond float32).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,18 @@ import normlab
 from normlab.models import create
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
-    """A few training forwards so running statistics are not at their initial values."""
-    model.train()
+    """A few training forwards so running statistics are not at their initial values (on the
+    device of ``x``)."""
+    model.to(x.device).train()
     with torch.no_grad():
         for p in model.parameters():  # non-trivial affine parameters
             p.add_(0.05 * torch.randn_like(p))
@@ -26,9 +39,9 @@ FOLDABLE = ["bn", "iternorm", "dbn(group_size=4)", "bcn", "fixedstats"]
 
 @pytest.mark.parametrize("conv", ["plain", "ws"])
 @pytest.mark.parametrize("norm", FOLDABLE)
-def test_affine_norms_fold_into_their_conv(norm: str, conv: str) -> None:
+def test_affine_norms_fold_into_their_conv(norm: str, conv: str, device: torch.device) -> None:
     torch.manual_seed(0)
-    x = torch.randn(32, 1, 8, 8)
+    x = torch.randn(32, 1, 8, 8).to(device)
     model = _trained(create("small_cnn", 10, in_channels=1, norm=norm, conv=conv), x)
     n_norms = sum(isinstance(m, normlab.nn.registry.norm_classes()) for m in model.modules())
     res = normlab.fold(model)
@@ -49,9 +62,9 @@ def test_affine_norms_fold_into_their_conv(norm: str, conv: str) -> None:
         assert nn.GroupNorm in kinds
 
 
-def test_fold_leaves_the_original_model_alone() -> None:
+def test_fold_leaves_the_original_model_alone(device: torch.device) -> None:
     torch.manual_seed(0)
-    x = torch.randn(16, 1, 8, 8)
+    x = torch.randn(16, 1, 8, 8).to(device)
     model = _trained(create("small_cnn", 10, in_channels=1, norm="bn", conv="ws"), x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     normlab.fold(model)
@@ -61,9 +74,9 @@ def test_fold_leaves_the_original_model_alone() -> None:
 
 
 @pytest.mark.parametrize("norm", ["mode", "mgn", "mixture", "gn", "ln", "in"])
-def test_input_dependent_norms_are_reported_not_folded(norm: str) -> None:
+def test_input_dependent_norms_are_reported_not_folded(norm: str, device: torch.device) -> None:
     torch.manual_seed(0)
-    x = torch.randn(16, 1, 8, 8)
+    x = torch.randn(16, 1, 8, 8).to(device)
     model = _trained(create("small_cnn", 10, in_channels=1, norm=norm), x)
     res = normlab.fold(model)
     assert not res.folded
@@ -72,12 +85,12 @@ def test_input_dependent_norms_are_reported_not_folded(norm: str) -> None:
         assert torch.equal(res.model(x), model(x))
 
 
-def test_a_norm_without_a_single_preceding_conv_is_reported() -> None:
+def test_a_norm_without_a_single_preceding_conv_is_reported(device: torch.device) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), normlab.BatchNorm(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
     )
-    x = torch.randn(8, 3, 6, 6)
+    x = torch.randn(8, 3, 6, 6).to(device)
     model = _trained(model, x)
     res = normlab.fold(model)
     assert set(res.folded) == {"4"}  # torch's BatchNorm2d after the 1×1 conv
@@ -97,38 +110,40 @@ class _Residual(nn.Module):
         return self.norm(z) + z  # the conv's output feeds two places: folding would change z
 
 
-def test_a_conv_whose_output_is_used_twice_is_not_folded() -> None:
-    model = _trained(_Residual(), torch.randn(4, 4, 5, 5))
+def test_a_conv_whose_output_is_used_twice_is_not_folded(device: torch.device) -> None:
+    model = _trained(_Residual(), torch.randn(4, 4, 5, 5).to(device))
     res = normlab.fold(model)
     assert "norm" in res.skipped and not res.folded
 
 
-def test_linear_and_grouped_conv() -> None:
+def test_linear_and_grouped_conv(device: torch.device) -> None:
     torch.manual_seed(0)
     lin = _trained(
-        nn.Sequential(nn.Linear(6, 5), normlab.make_norm("iternorm", 5)), torch.randn(40, 6)
+        nn.Sequential(nn.Linear(6, 5), normlab.make_norm("iternorm", 5)),
+        torch.randn(40, 6).to(device),
     )
     res = normlab.fold(lin)
-    x = torch.randn(7, 6)
+    x = torch.randn(7, 6).to(device)
     assert res.folded and isinstance(res.model[1], nn.Identity)
     with torch.no_grad():
         assert torch.allclose(res.model(x), lin(x), atol=1e-5)
     grouped = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), normlab.make_norm("iternorm", 4))
-    grouped = _trained(grouped, torch.randn(16, 4, 3, 3))
+    grouped = _trained(grouped, torch.randn(16, 4, 3, 3).to(device))
     res = normlab.fold(grouped)
     assert "grouped convolution" in res.skipped["1"]
     bn_grouped = _trained(
-        nn.Sequential(nn.Conv2d(4, 4, 1, groups=4), nn.BatchNorm2d(4)), torch.randn(16, 4, 3, 3)
+        nn.Sequential(nn.Conv2d(4, 4, 1, groups=4), nn.BatchNorm2d(4)),
+        torch.randn(16, 4, 3, 3).to(device),
     )
     assert set(normlab.fold(bn_grouped).folded) == {"1"}  # a diagonal map folds into any conv
 
 
-def test_a_lone_ws_conv_becomes_a_plain_conv() -> None:
+def test_a_lone_ws_conv_becomes_a_plain_conv(device: torch.device) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(normlab.WSConv2d(3, 6, 3), nn.ReLU()).eval()
+    model = nn.Sequential(normlab.WSConv2d(3, 6, 3), nn.ReLU()).to(device).eval()
     res = normlab.fold(model)
     assert type(res.model[0]) is nn.Conv2d
-    x = torch.randn(2, 3, 7, 7)
+    x = torch.randn(2, 3, 7, 7).to(device)
     with torch.no_grad():
         assert torch.allclose(res.model(x), model(x), atol=1e-6)
 

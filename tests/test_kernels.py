@@ -3,7 +3,8 @@
 ``normlab.use_kernels(False)`` makes each layer run the functional that reads like its paper, with
 autograd doing the backward. With the same input, parameters and RNG state, the kernel path must
 give the same outputs, input gradients, parameter gradients and buffer updates, in float64,
-float32 and bfloat16, in training and (after one training step) in eval mode.
+float32 and bfloat16, in training and (after one training step) in eval mode, on the device of
+``pytest --device`` (both paths on the same device).
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ def _kernel_nodes(out: torch.Tensor) -> set[str]:
     return found
 
 
-def _run(layer: torch.nn.Module, x: torch.Tensor, kernels: bool, seed: int):
-    """One training forward/backward, then an eval forward; everything that comes out."""
-    layer = copy.deepcopy(layer)
-    x = x.detach().clone().requires_grad_(True)
+def _run(layer: torch.nn.Module, x: torch.Tensor, kernels: bool, seed: int, device: torch.device):
+    """One training forward/backward on ``device``, then an eval forward; everything that comes
+    out."""
+    layer = copy.deepcopy(layer).to(device)
+    x = x.detach().to(device).clone().requires_grad_(True)
     torch.manual_seed(seed)
     with normlab.use_kernels(kernels):
         layer.train()
         y = layer(x)
         nodes = _kernel_nodes(y)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+        g = g.to(device=y.device, dtype=y.dtype)
         (y.float() * g.float()).sum().backward()
         layer.eval()
         with torch.no_grad():
@@ -69,7 +72,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", sorted(normlab.available_norms()))
-def test_kernel_equals_reference(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def test_kernel_equals_reference(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
     torch.manual_seed(0)
     layer = make_norm(name, C)
     with torch.no_grad():  # non-trivial affine parameters, so their gradients are checked
@@ -79,8 +84,8 @@ def test_kernel_equals_reference(name: str, shape: tuple[int, ...], dtype: torch
     if dtype == torch.float64:
         layer = layer.double()
     x = (torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
-    ker = _run(layer, x, True, seed=3)
-    ref = _run(layer, x, False, seed=3)
+    ker = _run(layer, x, True, seed=3, device=device)
+    ref = _run(layer, x, False, seed=3, device=device)
     tol = TOL[dtype]
     _close(ker[0], ref[0], tol, "train output")
     _close(ker[1], ref[1], tol, "input gradient")
@@ -95,15 +100,15 @@ def test_kernel_equals_reference(name: str, shape: tuple[int, ...], dtype: torch
 
 
 @pytest.mark.parametrize("name", sorted(WITH_KERNELS))
-def test_layers_with_kernels_use_them(name: str) -> None:
+def test_layers_with_kernels_use_them(name: str, device: torch.device) -> None:
     """The switch really changes the path: with kernels on, a Function from
     ``normlab.nn._kernels`` is in the graph (for at least one input rank); with them off, none."""
     layer = make_norm(name, C).double()
     used = set()
     for shape in SHAPES:
         x = torch.randn(shape, dtype=torch.float64)
-        used |= _run(layer, x, True, seed=0)[5]
-        assert not _run(layer, x, False, seed=0)[5]
+        used |= _run(layer, x, True, seed=0, device=device)[5]
+        assert not _run(layer, x, False, seed=0, device=device)[5]
     assert used, f"{name}: no kernel from normlab.nn._kernels ran with kernels enabled"
 
 
