@@ -18,6 +18,9 @@ from normlab.experiments import (
     plan_runs,
     run_experiment,
 )
+from normlab.experiments.analyses import activation_pool, get_runner
+from normlab.experiments.spec import Variant
+from normlab.report import write_report
 from normlab.train import Trainer, build_model
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
@@ -36,7 +39,8 @@ def test_the_issue_s_experiments_are_present():
         "mixture_cost", "mode_multitask", "mode_small_batch", "mode_single_task", "iternorm_mlp",
         "iternorm_snd", "iternorm_vgg", "iternorm_wrn", "stdloss_mnist", "stdloss_weight_sweep",
         "stdloss_batch_size", "ws_singularity", "ws_statdiff", "ws_ablation",
-        "bcn_micro_batch",
+        "bcn_micro_batch", "ws_imagenet_norms", "ws_imagenet", "ws_imagenet_weight_norms",
+        "ws_resnext", "iternorm_imagenet", "stdloss_resnet50", "mode_imagenet", "snd_all_layers",
     }  # fmt: skip
     assert required <= set(EXPS), sorted(required - set(EXPS))
     assert "digits_bn" not in EXPS  # plain training configs are not experiments
@@ -120,7 +124,13 @@ def test_small_scale_runs_a_few_steps(name, tmp_path):
 
 def _shrink_analysis(exp):
     a = exp.scales["small"].analysis
-    if exp.analysis["runner"] == "snd_conditioning":
+    if exp.name == "snd_all_layers":
+        a.update(pool=64, num_samples=2, num_draws=2, warmup=2)
+        a["sweeps"] = [
+            {"name": "batch", "x": "batch_size", "values": [2, 8], "dim": 4,
+             "metrics": ["snd", "rel_snd"], "layout": "variants"},
+        ]  # fmt: skip
+    elif exp.analysis["runner"] == "snd_conditioning":
         a.update(pool=64, num_samples=2, num_draws=2, num_batches=2)
         a["sweeps"] = [
             {"name": "fig4", "x": "dim", "values": [2, 4], "batch_size": 16, "metrics": ["cond", "snd"]},
@@ -146,10 +156,55 @@ def test_small_scale_analysis_runs(name, tmp_path):
         if name == "iternorm_snd":
             fig4 = res["sweeps"]["fig4"]
             assert fig4["x"] == [2, 4] and len(fig4["snd"]) == 2 and min(fig4["cond"]) >= 1.0 - 1e-6
+        if name == "snd_all_layers":
+            batch = res["sweeps"]["batch"]
+            assert batch["x"] == [2, 8] and len(batch["rel_snd"]) == 2
+            if r["variant"] in ("GN", "LN", "IN"):  # no batch dependence: exactly 0
+                assert batch["snd"] == [0.0, 0.0] and batch["rel_snd"] == [0.0, 0.0]
+            else:
+                assert min(batch["snd"]) > 0
         if name == "mixture_cost":
             assert res["ratio"] > 0 and res["it_per_s"] > 0
         if name == "mixture_dcgan":
             assert [h["step"] for h in res["history"]] == [1, 2] and res["best_fid"] is None
+
+
+def test_snd_all_layers_reports_one_row_per_layer(tmp_path):
+    exp = _shrink_analysis(load_experiment(ROOT / "snd_all_layers.toml"))
+    variants = ["BN", "MN", "MN-warm", "GN"]
+    run_experiment(exp, tmp_path / "run", scale="small", seeds=1, variants=variants)
+    text = write_report(tmp_path / "run").read_text()
+    assert "| layer | setting | B = 2 | B = 8 |" in text
+    assert "**relative SND (% of the output's std)**" in text
+    assert "| GN | 4 groups | 0 ± 0 | 0 ± 0 |" in text
+    assert "SND exactly 0 at every point (left out of the figures): GN." in text
+    for fig in ("batch_snd.png", "batch_rel_snd.png"):
+        assert (tmp_path / "run" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert "init='warm' reduces MixtureNorm's SND" in text
+
+
+def test_activation_pools_and_snd_runner_parameters():
+    a = activation_pool(50, 3, seed=1, kind="digits_conv")
+    assert a.shape == (50, 3, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, activation_pool(50, 3, seed=1, kind="digits_conv"))
+    assert not torch.equal(a, activation_pool(50, 3, seed=2, kind="digits_conv"))
+    assert (a > 0).any() and (a < 0).any()  # a convolution's output, before any ReLU
+    with pytest.raises(ExperimentError, match="pool must be <= 1437"):
+        activation_pool(2000, 3, seed=0, kind="digits_conv")
+    with pytest.raises(ExperimentError, match="gaussian, correlated, digits_conv"):
+        activation_pool(5, 3, seed=0, kind="uniform")
+    runner = get_runner("snd_conditioning", "test")
+    sweep = {"name": "s", "x": "batch_size", "values": [2], "dim": 4}
+    base = {"norm": "bn", "pool": 64, "data": "digits_conv", "sweeps": [sweep]}
+    runner.validate(base, Variant("v"))
+    for bad, match in [
+        ({"warmup": -1}, "warmup must be a non-negative integer"),
+        ({"pool": 5000}, "pool must be <= 1437"),
+        ({"sweeps": [{**sweep, "metrics": ["snd", "spread"]}]}, "snd, rel_snd, cond"),
+        ({"sweeps": [{**sweep, "layout": "rows"}]}, "layout must be 'x' or 'variants'"),
+    ]:
+        with pytest.raises(ExperimentError, match=match):
+            runner.validate({**base, **bad}, Variant("v"))
 
 
 def test_finished_runs_are_skipped_and_interrupted_runs_resume(tmp_path):

@@ -100,6 +100,32 @@ def test_kmeans_matches_sklearn_lloyd(iters: int) -> None:
         np.testing.assert_allclose(x[labels.numpy() == k].mean(0), ours[k].numpy(), atol=1e-10)
 
 
+@pytest.mark.parametrize("iters", [0, 1, 2, 3])
+def test_fit_gmm_starts_from_the_labels_of_the_final_centres(iters: int) -> None:
+    """fit_gmm(kmeans_iters=n, em_iters=0) is the M-step of scikit-learn's KMeans(max_iter=n)
+    labels — the assignment to the final centres (n = 0: to the seeds) — so every k-means
+    iteration changes the initial mixture (n = 0 and n = 1 used to coincide)."""
+    x = _blobs(6)
+    seeds = x[[0, 1, 2]]  # all from the first blob: k-means keeps moving for a few iterations
+    reg = 1e-3
+    ours = gmm.fit_gmm(torch.from_numpy(x), 3, iters, 0, reg, init_means=torch.from_numpy(seeds))
+    if iters:
+        km = KMeans(3, init=seeds, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd").fit(x)
+        labels = km.labels_
+    else:
+        labels = ((x[:, None, :] - seeds[None]) ** 2).sum(-1).argmin(1)
+    for k in range(3):
+        sel = x[labels == k]
+        np.testing.assert_allclose(ours.weight[k].item(), len(sel) / len(x), atol=1e-12)
+        np.testing.assert_allclose(ours.mean[k].numpy(), sel.mean(0), atol=1e-10)
+        np.testing.assert_allclose(ours.var[k].numpy(), sel.var(0) + reg, atol=1e-10)
+    if iters:
+        before = gmm.fit_gmm(
+            torch.from_numpy(x), 3, iters - 1, 0, reg, init_means=torch.from_numpy(seeds)
+        )
+        assert (ours.mean - before.mean).abs().max() > 1e-3
+
+
 def test_kmeans_init_params_are_hard_assignment_statistics() -> None:
     x = torch.from_numpy(_blobs(3))
     centers = x[[0, 400, 600]]

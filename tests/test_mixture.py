@@ -9,16 +9,25 @@ with known modes, state_dict round trips, a fresh nn.BatchNorm2d.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import os
+import warnings
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy.special import logsumexp
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
 from torch import nn
 
 import normlab
+from normlab.nn import gmm
 from normlab.nn import mixture as mx
 from normlab.nn._kernels import mixture as kx
 from normlab.nn.gmm import GMMParams, e_step, fit_gmm
@@ -405,6 +414,77 @@ def test_posteriors_of_the_layer_and_em_iters_variants() -> None:
             assert torch.all((nu == 0) | (nu == 1))
 
 
+def _overlapping_blobs(seed: int = 4) -> np.ndarray:
+    """Generic data: three overlapping Gaussian blobs in 4-D, where every k-means and EM
+    iteration still moves the fit."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [
+            rng.normal(0.0, 1.0, (200, 4)),
+            rng.normal(1.5, 0.7, (150, 4)),
+            rng.normal(-1.5, 1.3, (100, 4)) * np.linspace(0.5, 1.5, 4),
+        ]
+    )
+
+
+@pytest.mark.parametrize("em_iters", [1, 2, 3, 4])
+def test_em_iters_is_kmeans_then_em_as_in_sklearn(em_iters: int) -> None:
+    """The fit budget read literally (Kalayeh & Shah, Sec. 4.2: "EM iter." is the total of k-means
+    and EM iterations, split equally, the extra one to EM): em_iters = 2 is one k-means iteration
+    from the k-means++ seeds, one EM iteration from the mixture of its labels, then the posteriors
+    — scikit-learn's KMeans(init=seeds, max_iter=1) labels, their M-step, GaussianMixture(
+    max_iter=1) from there, predict_proba. Odd totals: em_iters = 1 is no k-means iteration (the
+    labels of the nearest seed) and one EM iteration; 3 is one k-means and two EM iterations."""
+    x = _overlapping_blobs()
+    xt = torch.from_numpy(x)
+    reg = 1e-3
+    torch.manual_seed(0)
+    nu, keep = mx.mixture_posteriors(xt, k=3, em_iters=em_iters, eps=reg, min_weight=0.0)
+    torch.manual_seed(0)  # the same draws, so the same k-means++ seeds
+    _, seed_index = gmm.kmeans_plus_plus(xt, 3)
+    seeds = x[seed_index.numpy()]
+    n_km = em_iters // 2
+    if n_km:
+        km = KMeans(3, init=seeds, n_init=1, max_iter=n_km, tol=0.0, algorithm="lloyd").fit(x)
+        labels = km.labels_
+    else:
+        labels = ((x[:, None, :] - seeds[None]) ** 2).sum(-1).argmin(1)
+    resp = np.eye(3)[labels]
+    cnt = resp.sum(0)
+    means = resp.T @ x / cnt[:, None]
+    var = resp.T @ x**2 / cnt[:, None] - means**2 + reg
+    gm = GaussianMixture(
+        3,
+        covariance_type="diag",
+        max_iter=em_iters - n_km,
+        tol=0.0,
+        reg_covar=reg,
+        weights_init=cnt / len(x),
+        means_init=means,
+        precisions_init=1.0 / var,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(x)
+    assert keep.all()
+    np.testing.assert_allclose(nu.numpy(), gm.predict_proba(x), atol=1e-8)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("shape", [(450, 4), (9, 4, 5, 10)], ids=["2d", "4d"])
+def test_em_iters_has_no_dead_values(shape: tuple[int, ...], fraction: float) -> None:
+    """Every increment of em_iters does work: on generic data consecutive budgets give different
+    posteriors (from the same seeds and the same sub-sample)."""
+    pts = torch.from_numpy(_overlapping_blobs())
+    x = pts if len(shape) == 2 else pts.reshape(9, 5, 10, 4).permute(0, 3, 1, 2)
+    nus = []
+    for em_iters in range(7):
+        torch.manual_seed(0)
+        nus.append(mx.mixture_posteriors(x, k=3, em_iters=em_iters, sample_fraction=fraction)[0])
+    for n, (a, b) in enumerate(itertools.pairwise(nus)):
+        assert (a - b).abs().max() > 1e-3, f"em_iters={n} and {n + 1} give the same posteriors"
+
+
 def test_pruning_removes_light_component_and_renormalises() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.cat(
@@ -491,8 +571,9 @@ def test_warm_init_seeds_each_fit_from_the_moving_average_of_the_means() -> None
         rng = torch.get_rng_state()
         y = m(x)
         assert torch.equal(torch.get_rng_state(), rng)  # no seeding draws
-        # oracle: one Lloyd iteration from the seed, its hard M-step, the E-step
-        params = fit_gmm(x, 3, kmeans_iters=1, em_iters=0, reg_covar=m.eps, init_means=prev)
+        # oracle (em_iters = 2): one Lloyd iteration from the seed, the M-step of the assignment
+        # to its centres, one EM iteration, the E-step
+        params = fit_gmm(x, 3, kmeans_iters=1, em_iters=1, reg_covar=m.eps, init_means=prev)
         nu, _ = e_step(x, params)
         y_ref, st = mx.mixture_norm(x, nu, m.weight, m.bias, return_stats=True)
         torch.testing.assert_close(y, y_ref)
@@ -794,7 +875,7 @@ def test_state_dict_without_warm_mean_seeds_from_the_newest_means() -> None:
     y = m2(x)
     assert torch.equal(torch.get_rng_state(), rng)  # warm-started, no seeding draws
     params = fit_gmm(
-        x, 3, kmeans_iters=1, em_iters=0, reg_covar=m.eps, init_means=sd["queue_mean"][-1]
+        x, 3, kmeans_iters=1, em_iters=1, reg_covar=m.eps, init_means=sd["queue_mean"][-1]
     )
     torch.testing.assert_close(y, mx.mixture_norm(x, e_step(x, params)[0], m.weight, m.bias))
     old._metadata = sd._metadata  # type: ignore[attr-defined]  # a current one must carry it
@@ -955,8 +1036,8 @@ def test_bad_input_raises() -> None:
         m(torch.randn(8, 3, 2, 2))
     with pytest.raises(ValueError, match="shape"):
         m(torch.randn(8))
-    with pytest.raises(ValueError, match="empty"):
-        m(torch.randn(0, 4))
+    with pytest.raises(ValueError, match="empty"):  # the layer takes empty batches (see below)
+        mx.mixture_posteriors(torch.randn(0, 4))
     with pytest.raises(ValueError, match="nu must"):
         mx.mixture_norm(torch.randn(8, 4, 2), torch.rand(8, 2, 3))
     with pytest.raises(ValueError, match="sample_fraction"):
@@ -996,3 +1077,143 @@ def test_spec_with_all_options() -> None:
     assert m.init == "warm"
     y = m(torch.randn(20, 3))
     assert torch.isfinite(y).all()
+
+
+# --- empty batches ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3, 3), (2, 4, 0, 3)])
+def test_empty_batch_behaves_like_batch_norm(
+    shape: tuple[int, ...], train: bool, activation: str | None, kernels: bool
+) -> None:
+    """An empty batch gives an empty output of the input's shape and dtype, leaves every buffer
+    untouched (torch's BatchNorm leaves its running statistics alone too) and backpropagates:
+    an empty input gradient, zero γ/β gradients, as nn.BatchNorm gives. The next batch is
+    normalized exactly as by a layer that never saw the empty one."""
+    torch.manual_seed(0)
+    m = normlab.MixtureNorm(4, k=3, activation=activation, init="warm")
+    m(torch.randn(6, 4, 3, 3))  # one fit queued, so eval uses the queue
+    m.train(train)
+    twin = copy.deepcopy(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bn = (nn.BatchNorm1d(4) if len(shape) == 2 else nn.BatchNorm2d(4)).train(train)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        xb = x.detach().clone().requires_grad_()
+        with normlab.use_kernels(kernels):
+            y = m(x)
+        yb = bn(xb.float()).to(dtype)
+        assert y.shape == yb.shape == x.shape and y.dtype == dtype
+        y.float().sum().backward()
+        yb.float().sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        for p, q in ((m.weight, bn.weight), (m.bias, bn.bias)):
+            assert p.grad is not None and torch.equal(p.grad, q.grad)
+            assert torch.equal(p.grad, torch.zeros(4))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.randn(6, 4, 3, 3)
+    rng = torch.get_rng_state()
+    y = m(x)
+    torch.set_rng_state(rng)
+    assert torch.equal(y, twin(x))
+
+
+_EMPTY_SHARE_CASES = {
+    "default": {},  # the kernel: its backward reduces over the forward's group
+    "relu": {"activation": "relu"},  # the reference: autograd through the all-reduce
+    "subset": {"em_iters": 3, "sample_fraction": 0.5},
+    "hard": {"k": 4, "em_iters": 0, "min_weight": 0.05},
+    "warm": {"init": "warm", "em_iters": 4},
+    "k1": {"k": 1},
+}
+
+
+def _empty_share_data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(21)
+    return [torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64).exp() * 2.0 for _ in range(3)]
+
+
+def _empty_share_run(name: str, xs: list[torch.Tensor], synced: bool) -> dict:
+    """Three training steps (forward, backward) of a float64 MixtureNorm, then its buffers."""
+    torch.manual_seed(3)
+    layer = normlab.MixtureNorm(4, **_EMPTY_SHARE_CASES[name]).double()
+    with torch.no_grad():
+        layer.weight.add_(0.2 * torch.randn(4, dtype=torch.float64))
+        layer.bias.add_(0.2 * torch.randn(4, dtype=torch.float64))
+    if synced:
+        normlab.sync_stats(layer)
+    torch.manual_seed(5)
+    out: dict = {}
+    for i, x in enumerate(xs):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y * y).sum().backward()
+        out[f"out {i}"], out[f"input grad {i}"] = y.detach(), xi.grad
+    out.update({f"grad {n}": p.grad for n, p in layer.named_parameters()})
+    out.update({f"buffer {n}": b.clone() for n, b in layer.named_buffers()})
+    return out
+
+
+def _empty_share_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist = torch.distributed
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    calls: list[list[int]] = []  # every all-reduce: [number of elements, dtype's item size]
+    all_reduce = dist.all_reduce
+
+    def logged(tensor: torch.Tensor, *args, **kwargs):
+        calls.append([tensor.numel(), tensor.element_size()])
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = logged
+    try:
+        results = {}
+        for holder in (0, 1):
+            for name in _EMPTY_SHARE_CASES:
+                if name == "subset" and holder == 1:  # rank 0 seeds; its draws follow its subset
+                    continue
+                xs = [x if rank == holder else x[:0] for x in _empty_share_data()]
+                start = len(calls)
+                res = _empty_share_run(name, xs, synced=True)
+                res["calls"] = torch.tensor(calls[start:])
+                results[f"{holder} {name}"] = res
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.all_reduce = all_reduce
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_synced_process_with_an_empty_share_joins_every_collective(tmp_path) -> None:
+    """Under sync_stats a process holding 0 samples runs the whole step — the same all-reduces
+    in the same order as the other process, seeding, k-means and EM loops and backward
+    included (counts of 0 contribute nothing) — so nothing hangs; both processes end with the
+    single-process fit of the whole batch, the holder's output and gradients are the single
+    process's, the empty process's output is empty."""
+    mp.spawn(_empty_share_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ranks[0]:
+        holder, name = int(key.split()[0]), key.split()[1]
+        ref = _empty_share_run(name, _empty_share_data(), synced=False)
+        full, empty = ranks[holder][key], ranks[1 - holder][key]
+        assert torch.equal(full["calls"], empty["calls"]), key
+        assert len(full["calls"]) >= 9, key  # 3 steps: forward and backward
+        for what, v in ref.items():
+            if what.startswith("buffer"):
+                for res in (full, empty):
+                    torch.testing.assert_close(res[what], v, atol=1e-10, rtol=1e-10, msg=key)
+            elif what.startswith("grad"):
+                torch.testing.assert_close(full[what] + empty[what], v, atol=1e-9, rtol=1e-9)
+            else:
+                torch.testing.assert_close(full[what], v, atol=1e-9, rtol=1e-9, msg=key)
+                assert empty[what].shape == (0, *v.shape[1:]), key

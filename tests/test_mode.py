@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import normlab
 from normlab import ModeGroupNorm, ModeNorm, make_norm
+from normlab.nn import stats
 from test_kernels import _kernel_nodes  # the kernel Functions in a graph
 
 # --------------------------------------------------------------------------------------------
@@ -870,3 +872,121 @@ def test_reference_is_twice_differentiable_for_nchw_input(layer_fn, training):
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     with normlab.use_kernels(False):
         assert torch.autograd.gradgradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# empty batches: as torch's BatchNorm (an empty output, statistics untouched, backward works)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3, 4)], ids=["NC", "NCHW"])
+@pytest.mark.parametrize("cls", [ModeNorm, ModeGroupNorm])
+def test_empty_batch_behaves_like_batch_norm(cls, shape, training, kernels):
+    layer = cls(5, k=3)
+    _randomize(layer, seed=30)
+    bn = torch.nn.BatchNorm2d(5) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
+    layer.train(training)
+    bn.train(training)
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        with normlab.use_kernels(kernels):
+            y = layer(x)
+        y.float().sum().backward()
+        xb = x.detach().float().requires_grad_()
+        bn(xb).sum().backward()
+        assert y.shape == x.shape and y.dtype == dtype
+        assert x.grad.shape == x.shape and x.grad.dtype == dtype
+        # torch's BatchNorm gives its affine zero gradients; every parameter here gets zeros too
+        torch.testing.assert_close(bn.weight.grad, torch.zeros(5), rtol=0, atol=0)
+        for n, p in layer.named_parameters():
+            torch.testing.assert_close(p.grad, torch.zeros_like(p), rtol=0, atol=0, msg=n)
+        layer.zero_grad(set_to_none=True)
+        bn.zero_grad(set_to_none=True)
+    for n, b in layer.named_buffers():
+        assert torch.equal(b, before[n]), n
+    # the next, non-empty batch is normalized as by a layer that never saw the empty one
+    fresh = copy.deepcopy(layer)
+    x = torch.randn(4, *shape[1:])
+    with normlab.use_kernels(kernels):
+        torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
+
+
+_EMPTY_RANK_CASES = {
+    f"{name} {'kernels' if kernels else 'reference'}": (shape, kernels)
+    for name, shape in [("NC", (6, 4)), ("NCHW", (6, 4, 3, 2))]
+    for kernels in (True, False)
+}
+
+
+def _empty_rank_run(shape: tuple[int, ...], kernels: bool, part: slice, synced: bool) -> dict:
+    """Two training steps of a float64 ModeNorm on ``x[part]`` (the batch of 6 samples)."""
+    layer = ModeNorm(shape[1], k=3).double()
+    _randomize(layer, seed=31)
+    if synced:
+        normlab.sync_stats(layer)
+    gen = torch.Generator().manual_seed(32)
+    out = {}
+    with normlab.use_kernels(kernels):
+        for step in range(2):
+            x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+            gy = torch.randn(shape, generator=gen, dtype=torch.float64)
+            xr = x[part].clone().requires_grad_()
+            y = layer(xr)
+            (y * gy[part]).sum().backward()
+            out[f"y{step}"], out[f"x.grad{step}"] = y.detach(), xr.grad
+    out.update({f"{n}.grad": p.grad.clone() for n, p in layer.named_parameters()})
+    out.update({f"buffer {n}": b.clone() for n, b in layer.named_buffers()})
+    return out
+
+
+def _empty_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    calls = []
+    all_reduce_sum = stats.all_reduce_sum
+
+    def counted(tensors, group):
+        calls.append(tuple(tuple(t.shape) for t in tensors))
+        return all_reduce_sum(tensors, group)
+
+    stats.all_reduce_sum = counted
+    try:
+        part = slice(0, 6) if rank == 0 else slice(6, 6)  # rank 1 holds no sample
+        results = {
+            key: _empty_rank_run(*case, part, True) for key, case in _EMPTY_RANK_CASES.items()
+        }
+        results["calls"] = calls
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sync_stats_rank_with_an_empty_batch(tmp_path):
+    """Under sync_stats a process with no sample joins every collective (the same sequence of
+    reductions as the other, forward and backward, so nothing hangs), returns an empty output
+    and ends with the global batch's running estimates; the other process matches a single
+    process on the whole batch, and the parameter gradients sum to the single process's."""
+    torch.multiprocessing.spawn(
+        _empty_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["calls"] == ranks[1]["calls"] and len(ranks[0]["calls"]) >= 4 * 2 * 2
+    for key, case in _EMPTY_RANK_CASES.items():
+        ref = _empty_rank_run(*case, slice(None), False)
+        full, empty = ranks[0][key], ranks[1][key]
+        for name, want in ref.items():
+            if name.startswith(("y", "x.grad")):
+                torch.testing.assert_close(full[name], want, rtol=1e-9, atol=1e-11, msg=name)
+                assert empty[name].shape == (0, *want.shape[1:]), name
+            elif name.startswith("buffer"):
+                for res in (full, empty):
+                    torch.testing.assert_close(res[name], want, rtol=1e-9, atol=1e-11, msg=name)
+            else:  # parameter gradients: the global loss is the sum of the processes' losses
+                got = full[name] + empty[name]
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)

@@ -417,6 +417,17 @@ def _strip_time(recs):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in recs]
 
 
+def _assert_same_run(res, full) -> None:
+    """The resumed run ``res`` recorded (in memory and in its metrics.jsonl) and trained exactly
+    what the uninterrupted run ``full`` did."""
+    assert _strip_time(res.history) == _strip_time(full.history)
+    assert _strip_time(read_metrics(res.run_dir)) == _strip_time(full.history)
+    a, b = full.model.state_dict(), res.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 RESUME_CASES = {
     "bn+augment+nesterov+exp": [
         "train.batch_size=128",
@@ -468,12 +479,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, case):
     assert read_metrics(tmp_path / "killed")[-1]["step"] == 15  # written after the checkpoint
     resumed = train(cfg_of(*over), tmp_path / "killed", resume=True)
 
-    assert _strip_time(resumed.history) == _strip_time(full.history)
-    assert _strip_time(read_metrics(tmp_path / "killed")) == _strip_time(full.history)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_run(resumed, full)
     for k in ("final_test_acc", "best_test_acc", "best_step", "steps"):
         assert resumed.summary[k] == full.summary[k]
 

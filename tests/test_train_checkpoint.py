@@ -25,14 +25,13 @@ from normlab.train import (
     CheckpointWarning,
     load_checkpoint,
     load_config,
-    read_metrics,
     save_checkpoint,
     train,
 )
 from normlab.train.loop import Trainer
 
 # the loop's tests: one intra-op thread (an autouse fixture), simulated kills, records sans times
-from test_train import _kill_at, _KillError, _one_thread, _strip_time  # noqa: F401
+from test_train import _assert_same_run, _kill_at, _KillError, _one_thread  # noqa: F401
 
 # 22 steps per epoch on digits: step 5 is killed after the checkpoints of steps 2 and 4
 RUN_SET = [
@@ -209,13 +208,6 @@ def runs(tmp_path_factory):
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def _assert_same_run(res, full) -> None:
-    assert _strip_time(res.history) == _strip_time(full.history)
-    assert _strip_time(read_metrics(res.run_dir)) == _strip_time(full.history)
-    a, b = full.model.state_dict(), res.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_falls_back_to_the_previous_checkpoint(runs, tmp_path):

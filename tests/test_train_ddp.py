@@ -98,7 +98,8 @@ def _stop_at(step: int):
     return cb
 
 
-def _spawn_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _join_gloo(rank: int, world: int, init_file: str) -> None:
+    """A spawned test process: one thread, in a gloo group through ``init_file``."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
@@ -107,6 +108,10 @@ def _spawn_worker(rank: int, world: int, init_file: str, out: str) -> None:
         world_size=world,
         timeout=timedelta(seconds=120),
     )
+
+
+def _spawn_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    _join_gloo(rank, world, init_file)
     try:
         res: dict = {}
         cfg = load_config(None, SPAWN_SET)

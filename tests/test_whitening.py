@@ -2,7 +2,9 @@
 gradients, running statistics, folding, grouping edge cases, ill-conditioning, arguments. The
 hand-written kernels (normlab.nn._kernels.whitening) are checked against the plain-autograd
 reference that normlab.use_kernels(False) selects, and the reference on its own against the
-numpy oracles."""
+numpy oracles. Then the deployment properties, on both paths: empty batches (like torch's
+BatchNorm; an empty share under sync_stats joins every reduction), torch.compile(fullgraph=True)
+against eager without recompiles, and ONNX export with a dynamic batch against onnxruntime."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import normlab
 from normlab.nn.stats import covariance_sums, reduction_scope
@@ -26,7 +29,9 @@ from normlab.nn.whitening import (
     newton_inverse_sqrt,
     zca_whitening_matrix,
 )
+from test_compile import compiled_equals_eager  # the project-wide compile check
 from test_kernels import _kernel_nodes  # the kernel Functions in a graph
+from test_onnx import check_onnx_round_trip  # the project-wide ONNX check
 
 # ---------------------------------------------------------------------------------------------
 # independent oracles (numpy / scipy)
@@ -855,3 +860,201 @@ def test_matrix_functions_reject_bad_arguments():
         zca_whitening_matrix(torch.ones(3))
     with pytest.raises(ValueError, match="min_eigenvalue"):
         zca_whitening_matrix(torch.eye(3), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# max_condition reads the real block of a smaller last group (both paths)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("shape", [(64, 10), (16, 10, 2, 2)])
+def test_max_condition_checks_the_real_block_of_the_last_group(kernels, shape):
+    """Data of standard deviation 100: every group's Σ has eigenvalues ≈ 10⁴, condition ≈ 1–10.
+    The identity padding of the last group (2 channels of 4) must not count as eigenvalues 1
+    (which would read as a condition number ≈ 10⁴); an ill-conditioned last group still raises,
+    and is reported under its own index."""
+    x = 100 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with normlab.use_kernels(kernels):
+        DBN(10, group_size=4, max_condition=50)(x)
+        bad = x.clone()
+        bad[:, 9] = bad[:, 8] + 1e-3 * torch.randn(bad[:, 8].shape)
+        with pytest.raises(ValueError, match=r"group\(s\) \[2\]"):
+            DBN(10, group_size=4, max_condition=50)(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# empty batches: like torch's BatchNorm, alone and as an empty share under sync_stats
+# ---------------------------------------------------------------------------------------------
+
+EMPTY_SHAPES = [(0, 10), (0, 10, 4, 4), (3, 10, 0, 2)]
+
+
+def _warm(m, shape_tail):
+    with torch.no_grad():
+        for s in range(2):
+            m(_correlated((6, 10, *[max(k, 1) for k in shape_tail]), seed=s, dtype=torch.float32))
+    return m
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "spec", ["iternorm(group_size=4)", "iternorm(group_size=4, iters=12)", "dbn(group_size=4)"]
+)
+def test_empty_batch_gives_an_empty_output_and_keeps_the_buffers(spec, shape, kernels):
+    m = _warm(_randomize_affine(normlab.make_norm(spec, 10)), shape[2:])
+    before = copy.deepcopy(m.state_dict())
+    with normlab.use_kernels(kernels):
+        for training in (True, False):
+            m.train(training)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(shape, dtype=dtype, requires_grad=True)
+                y = m(x)
+                assert y.shape == x.shape and y.dtype == dtype
+                y.sum().backward()
+                assert x.grad.shape == x.shape
+                assert torch.equal(m.weight.grad, torch.zeros(10)), m.weight.grad
+                assert torch.equal(m.bias.grad, torch.zeros(10))
+                m.zero_grad()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the functional forms too, with and without running buffers
+    rm, rw = torch.zeros(10), torch.eye(4).repeat(3, 1, 1)
+    x = torch.randn(shape)
+    assert iterative_normalization(x, 4, running_mean=rm, running_wm=rw).shape == shape
+    assert decorrelated_batch_norm(x, 4).shape == shape
+    assert torch.equal(rm, torch.zeros(10)) and torch.equal(rw, torch.eye(4).repeat(3, 1, 1))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("shape", [(12, 10), (4, 10, 3, 3)], ids=["2d", "4d"])
+@pytest.mark.parametrize("cls", [IterNorm, DBN])
+def test_empty_share_joins_every_reduction_and_uses_the_others_statistics(
+    cls, shape, kernels, monkeypatch
+):
+    """In-process stand-in for two processes, one without samples: the all-reduce is replaced by
+    "add what the process with samples contributed". The empty share must make the same calls
+    (same number, shapes and dtypes) and end with the same running statistics as a process that
+    held the whole batch; with no samples anywhere (count 0) its buffers stay untouched and
+    finite. (tests/test_empty.py runs the real two-process version.)"""
+    x = _correlated(shape, seed=30, dtype=torch.float32)
+    full = _randomize_affine(cls(10, group_size=4))
+    empty = copy.deepcopy(full)
+    calls: list[list[torch.Tensor]] = []
+    mode = {"record": True}
+
+    def all_reduce(tensors, group):
+        if mode["record"]:
+            calls.append([t.detach().clone() for t in tensors])
+            return tuple(tensors)
+        other = calls[len(replayed)]
+        replayed.append([t.detach().clone() for t in tensors])
+        assert [(t.shape, t.dtype) for t in tensors] == [(t.shape, t.dtype) for t in other]
+        return tuple(t + o for t, o in zip(tensors, other))
+
+    replayed: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(normlab.nn.stats, "all_reduce_sum", all_reduce)
+    with normlab.use_kernels(kernels):
+        with reduction_scope("group"):
+            full(x).sum().backward()
+        mode["record"] = False
+        with reduction_scope("group"):
+            xe = x[:0].clone().requires_grad_(True)
+            y = empty(xe)
+            y.sum().backward()
+    assert y.shape == xe.shape and len(replayed) == len(calls) >= 1
+    assert all(float(r[0]) == 0 for r in replayed)  # the empty share's count
+    for (name, b_full), b_empty in zip(full.named_buffers(), empty.buffers()):
+        torch.testing.assert_close(b_empty, b_full, rtol=1e-6, atol=1e-6, msg=name)
+    # nobody had samples: the reduced count is 0
+    alone = cls(10, group_size=4)
+    init = copy.deepcopy(alone.state_dict())
+    monkeypatch.setattr(normlab.nn.stats, "all_reduce_sum", lambda t, g: tuple(t))
+    with normlab.use_kernels(kernels), reduction_scope("group"):
+        alone(x[:0].clone().requires_grad_(True)).sum().backward()
+    assert all(torch.equal(v, init[k]) for k, v in alone.state_dict().items())
+    assert torch.isfinite(alone.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (one graph, forward and backward, no recompiles) and ONNX export
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_SHAPES = {"NC": (16, 10), "NCHW": (4, 10, 3, 3)}  # groups of 4, 4 and 2
+COMPILE_CASES = [
+    (spec, sid, kernels)
+    for spec in ("iternorm(group_size=4, iters=5)", "dbn(group_size=4)")
+    for sid in COMPILE_SHAPES
+    for kernels in (True, False)
+] + [("iternorm(group_size=4, iters=12)", "NCHW", True)]  # the divergence guard
+
+
+def _compile_case(spec: str, shape_id: str, kernels: bool, backend: str) -> None:
+    shape = COMPILE_SHAPES[shape_id]
+    eager = _randomize_affine(normlab.make_norm(spec, shape[1]))
+    with normlab.use_kernels(kernels):
+        twin, graphs = compiled_equals_eager(eager, shape, backend, no_grad_step=True)
+    assert graphs == 3, dict(counters["stats"])  # train, eval, eval without autograd
+    assert not torch.allclose(twin.running_wm, torch.eye(4))  # the updates were compiled in
+
+
+def _case_id(case) -> str:
+    spec, sid, kernels = case
+    return f"{spec}-{sid}-{'kernels' if kernels else 'reference'}"
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=_case_id)
+def test_compiled_equals_eager_without_recompiles(case):
+    """torch.compile(fullgraph=True) with aot_eager: forward and backward, train and eval, both
+    paths, (N, C) and (N, C, H, W) with a smaller last group; no recompiles; running buffers
+    updated inside the graph."""
+    _compile_case(*case, backend="aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILE_CASES[:-1], ids=_case_id)
+def test_inductor_equals_eager_without_recompiles(case):
+    _compile_case(*case, backend="inductor")
+
+
+def test_newton_kernel_is_traced_whole_and_stays_twice_differentiable():
+    """The hand-written Newton backward has no torch.autograd.grad inside: dynamo captures
+    forward and backward in one graph, and a second derivative (autograd through the written-out
+    reverse pass, with the iterates recomputed) equals that of the plain iteration."""
+    torch._dynamo.reset()
+    a = torch.randn(3, 4, 4, dtype=torch.float64)
+    a = a @ a.mT / 4 + torch.eye(4, dtype=torch.float64)
+    a = a / a.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    fn = torch.compile(lambda t: newton_inverse_sqrt(t, 5), fullgraph=True, backend="aot_eager")
+    a1 = a.clone().requires_grad_(True)
+    fn(a1).square().sum().backward()
+    a2 = a.clone().requires_grad_(True)
+    newton_inverse_sqrt(a2, 5).square().sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-12, atol=1e-12)
+    res = []
+    for kernels in (True, False):
+        t = a.clone().requires_grad_(True)
+        with normlab.use_kernels(kernels):
+            (g,) = torch.autograd.grad(
+                newton_inverse_sqrt(t, 5).square().sum(), t, create_graph=True
+            )
+            (gg,) = torch.autograd.grad(g.square().sum(), t)
+        res.append(gg)
+    torch.testing.assert_close(res[0], res[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "kernels"),
+    [
+        (spec, shape, kernels)
+        for spec in ("iternorm(group_size=4)", "dbn(group_size=4)")
+        for shape, kernels in (((6, 10), True), ((3, 10, 4, 4), True), ((3, 10, 4, 4), False))
+    ],
+)
+def test_onnx_round_trip_at_a_new_batch_size(spec, shape, kernels):
+    """The eval-mode layer (smaller last group, trained buffers) exported with a dynamic batch;
+    onnxruntime at other batch sizes equals eager."""
+    m = _warm(_randomize_affine(normlab.make_norm(spec, 10)), shape[2:]).eval()
+    with normlab.use_kernels(kernels):
+        check_onnx_round_trip(m, shape)

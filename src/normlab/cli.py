@@ -9,28 +9,45 @@
     normlab run --list                              # the experiments and their titles
     normlab run mixture_cifar_cnn --scale small [--seeds 2] [--device cpu] [--out runs/x]
                 [--variants 'c100-*'] [--set train.epochs=3] [--jobs 2] [--overwrite] [--no-report]
+    normlab run mixture_cifar_cnn --scale full --launcher slurm --partition gpu --gpus-per-run 1
+                --time 8:00:00 [--mem 32G] [--account A] [--qos Q] [--slurm-param constraint=a100]
+                [--wait] [--slurm-cluster local]
+    normlab run mixture_cifar_cnn --scale full --launcher ray [--ray-address auto] --gpus-per-run 1
+    normlab status runs/mixture_cifar_cnn-full
     normlab report runs/mixture_cifar_cnn-small [--out results/mixture_cifar_cnn]
 
-``run`` runs every variant × seed of an experiment at a scale, skipping finished runs (so an
-interrupted sweep continues where it stopped), then writes the report; ``report`` (re)writes
-``report.md``, the PNG figures and ``results.json`` from a run directory. ``quickstart`` runs the
-packaged ``quickstart`` experiment and prints its comparison table.
+``run`` runs every variant × seed of an experiment at a scale, skipping finished runs and runs
+another launcher is training (so an interrupted sweep continues where it stopped and failed runs
+are retried), then writes the report; ``--launcher`` trains the runs here (``serial``), as a
+Slurm job array (``slurm``) or as Ray tasks (``ray``). ``status`` shows what each run is doing;
+``report`` (re)writes ``report.md``, the PNG figures and ``results.json`` from a run directory.
+``quickstart`` runs the packaged ``quickstart`` experiment and prints its comparison table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
+import tomllib
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import normlab
 from normlab.experiments import (
+    Experiment,
+    ExperimentError,
     available_experiments,
     load_experiment,
     run_experiment,
     run_quickstart,
 )
+from normlab.experiments.launchers import LAUNCHERS, SLURM_CLUSTERS, LaunchOptions
+from normlab.experiments.spec import Launcher, slurm_minutes
+from normlab.experiments.status import format_status, suite_status
 from normlab.report import write_quickstart_report, write_report
 from normlab.train import Trainer, load_config
 from normlab.train.distributed import is_main_process
@@ -111,6 +128,44 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0 if all(r["seeds"] > 0 for r in res.rows) else 1
 
 
+def _slurm_params(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+            raise ExperimentError(
+                f"--slurm-param: {item!r} is not KEY=VALUE with an sbatch option as KEY "
+                "(e.g. constraint=a100, or exclusive)"
+            )
+        out[key] = value if eq else True
+    return out
+
+
+def _resources(exp: Experiment, args: argparse.Namespace) -> Launcher:
+    """The experiment's ``[launcher]``, then ``--launcher-config``'s, then the flags."""
+    res = exp.launcher
+    if args.launcher_config:
+        path = Path(args.launcher_config)
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ExperimentError(f"--launcher-config: cannot read {str(path)!r}: {e}") from None
+        if not isinstance(doc.get("launcher"), dict):
+            raise ExperimentError(f"--launcher-config: {str(path)!r} has no [launcher] table")
+        res = res.merged(doc["launcher"], f"{path}: launcher")
+    flags: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in ("partition", "account", "qos", "mem", "time", "gpus_per_run", "cpus_per_run")
+        if getattr(args, k) is not None
+    }
+    if args.ray_address is not None:
+        flags["ray_address"] = args.ray_address
+    if args.slurm_param:
+        flags["slurm_params"] = _slurm_params(args.slurm_param)
+    return res.merged(flags, "command line")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.list or not args.experiment:
         exps = available_experiments()
@@ -123,6 +178,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         exp = load_experiment(args.experiment)
         variants = [v for p in (args.variants or []) for v in p.split(",") if v]
+        options = LaunchOptions(
+            resources=_resources(exp, args), wait=args.wait, cluster=args.slurm_cluster
+        )
         suite = run_experiment(
             exp,
             out=args.out,
@@ -136,16 +194,129 @@ def _cmd_run(args: argparse.Namespace) -> int:
             progress=args.progress,
             threads=args.threads,
             jobs=args.jobs,
+            keep_going=True,
+            launcher=args.launcher,
+            options=options,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # incl. missing dataset files
         return _err(str(e))
     except KeyboardInterrupt:
         _log("interrupted; run the same command again to continue")
         return 130
+    runs = suite["runs"]
+    if any(r["status"] == "submitted" for r in runs):
+        return 0  # the launcher said where to follow the jobs
     _log(f"runs in {suite['out']} ({suite.get('wall_time', 0):.0f} s)")
+    busy = [r for r in runs if r["status"] == "busy"]
+    if busy:
+        _log(
+            f"{len(busy)} run(s) are being trained by another launcher; follow them with "
+            f"`normlab status {suite['out']}`"
+        )
     if not args.no_report and is_main_process():
         print(write_report(suite["out"]))
+    failed = [r for r in runs if r["status"] == "failed"]
+    for r in failed:
+        _log(f"FAILED {r['variant']} seed {r['seed']}: {r.get('error')}")
+    if failed:
+        _log(
+            f"{len(failed)} run(s) failed (their logs: `normlab status {suite['out']}`); run the "
+            "same command again to retry them"
+        )
+        return 1
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    try:
+        if args.json:
+            _, runs = suite_status(args.run_dir, lines=args.lines)
+            print(json.dumps([asdict(r) for r in runs], indent=2))
+        else:
+            print(format_status(args.run_dir, lines=args.lines))
+    except ValueError as e:
+        return _err(str(e))
+    return 0
+
+
+def _time_arg(text: str) -> str:
+    try:
+        slurm_minutes(text, "--time")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--time: ")) from None
+    return text
+
+
+def _mem_arg(text: str) -> str:
+    if not re.fullmatch(r"\d+[KMGT]?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Slurm size; use e.g. 32G or 4000M")
+    return text
+
+
+def _count_arg(least: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return n
+
+    return parse
+
+
+def _add_launcher_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "launchers", "where the runs train; resources default to the experiment's [launcher] table"
+    )
+    g.add_argument(
+        "--launcher",
+        default="serial",
+        choices=tuple(LAUNCHERS),
+        help="serial: here (default); slurm: a job array through submitit; ray: one Ray task "
+        "per run",
+    )
+    g.add_argument(
+        "--launcher-config",
+        metavar="FILE",
+        help="a TOML file whose [launcher] table overrides the experiment's",
+    )
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--account", help="Slurm account")
+    g.add_argument("--qos", help="Slurm quality of service")
+    g.add_argument("--mem", type=_mem_arg, help="memory per Slurm job, e.g. 32G")
+    g.add_argument(
+        "--time", type=_time_arg, help="Slurm time limit per job (90, 4:00:00, 1-12:00:00)"
+    )
+    g.add_argument(
+        "--gpus-per-run",
+        type=_count_arg(0),
+        help="GPUs per run (Slurm: more than 1 trains the run with DDP, one task per GPU)",
+    )
+    g.add_argument("--cpus-per-run", type=_count_arg(1), help="CPU cores per run (default 1)")
+    g.add_argument(
+        "--slurm-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an extra sbatch option, e.g. constraint=a100 (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-cluster",
+        default="slurm",
+        choices=SLURM_CLUSTERS,
+        help="submitit executor: slurm (default), local (subprocesses here, for testing), debug",
+    )
+    g.add_argument(
+        "--wait",
+        action="store_true",
+        help="slurm: block until every job has ended, then write the report",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (e.g. auto, ray://head:10001; default: start one here)",
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -158,7 +329,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``run`` and ``report`` to an ``argparse`` subparsers object (``add_subparsers()``)."""
+    """Add ``run``, ``status`` and ``report`` to an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "run",
         help="run every variant and seed of an experiment (skips finished runs), then report",
@@ -198,9 +369,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=None,
         help="parallel worker processes, --threads torch threads each (default 1: one run after "
-        "the other in this process)",
+        "the other in this process); with --launcher ray and no --ray-address: runs at once",
     )
     p.add_argument(
         "--threads",
@@ -221,7 +392,22 @@ def add_commands(subparsers: Any) -> None:
         choices=("auto", "on", "off"),
         help="per-run progress bars (default off)",
     )
+    _add_launcher_flags(p)
     p.set_defaults(func=_cmd_run)
+
+    p = subparsers.add_parser(
+        "status",
+        help="show what each run of a run directory is doing (finished, running, queued, failed)",
+        description="Per run: finished (its accuracy), running (host, pid or job id, since when, "
+        "last step), queued (not started, waiting for its Slurm job, or stopped with a "
+        "checkpoint) or failed (the error and the end of its log); then the totals.",
+    )
+    p.add_argument("run_dir", help="directory written by `normlab run`")
+    p.add_argument(
+        "--lines", type=int, default=8, help="log lines shown per failed run (default 8)"
+    )
+    p.add_argument("--json", action="store_true", help="print the states as JSON")
+    p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser(
         "report",

@@ -542,6 +542,7 @@ def imagenet_loaders(
     drop_last: bool = True,
     pin_memory: bool = False,
     normalize: bool = True,
+    generator: torch.Generator | None = None,
 ) -> ImageNetData:
     """Training and validation loaders for ImageNet in ``root`` (see :func:`imagenet_dir`).
 
@@ -556,6 +557,9 @@ def imagenet_loaders(
         size, resize: crop side, and the short side before the centre crop.
         drop_last: drop the last incomplete training batch of each epoch.
         pin_memory, normalize: passed to the DataLoaders and to :class:`ImageFolder`.
+        generator: what the DataLoaders draw their worker base seeds from at the start of each
+            pass (default: torch's global generator). The samples do not depend on it; pass one
+            so that starting a pass leaves the global generator's state alone.
 
     Batches are ``(x, y)``: ``x`` ``(B, 3, size, size)`` float32 (``uint8`` when
     ``normalize=False``), ``y`` ``(B,)`` int64.
@@ -573,7 +577,7 @@ def imagenet_loaders(
     common = dict(seed=seed, size=size, resize=resize, normalize=normalize)
     train = ImageFolder(base / "train", train=True, **common)
     val = ImageFolder(base / "val", classes=train.classes, **common)
-    loader = dict(num_workers=workers, pin_memory=pin_memory)
+    loader = dict(num_workers=workers, pin_memory=pin_memory, generator=generator)
     train_sampler = ResumableSampler(len(train), seed, rank, world_size)
     val_sampler = ResumableSampler(len(val), seed, rank, world_size, shuffle=False, pad=False)
     return ImageNetData(

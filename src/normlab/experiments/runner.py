@@ -1,53 +1,57 @@
-"""Running an experiment: every (variant, seed) in its own run directory; skip, resume, parallel.
+"""Running an experiment: every (variant, seed) in its own run directory, trained exactly once.
 
 :func:`run_experiment` writes ``OUT/suite.json`` (what was run, at which scale, each run's
-status), ``OUT/experiment.toml`` (a copy of the file) and one directory per run,
-``OUT/<variant>/seed<k>/``: a training run directory (``config.toml``, ``metrics.jsonl``,
+status as this invocation saw it), ``OUT/experiment.toml`` (a copy of the file) and one directory
+per run, ``OUT/<variant>/seed<k>/``: a training run directory (``config.toml``, ``metrics.jsonl``,
 ``summary.json``, ``checkpoint.pt`` and what the collectors recorded) or an analysis result
-(``params.json``, ``result.json``).
+(``params.json``, ``result.json``), with ``run.log`` and, after a failure, ``failed.json``.
 
 A run is *finished* when its ``summary.json`` (training) or ``result.json`` (analysis) exists.
 Finished runs are skipped after checking that their saved configuration is the one requested
 (a different one is an error), unfinished training runs resume from their checkpoint, so running
-the same command again continues an interrupted sweep; ``overwrite=True`` starts every run again.
+the same command again continues an interrupted sweep and retries failed runs;
+``overwrite=True`` starts every run again.
 
-``jobs = 1`` runs one run after the other in this process. ``jobs > 1`` trains in that many
-spawned worker processes with ``threads`` (default 1) torch threads each: on a CPU, several
-one-thread runs finish a sweep much sooner than one run using every core. Each run seeds itself
-from its configuration, so the numbers do not depend on ``jobs``. The unit of work is one run
-directory, :func:`execute_run`; a launcher (a cluster's job array, another process pool) calls it
-with the :class:`RunSpec` objects of :func:`plan_runs`.
+The unit of work is one run directory (:mod:`~normlab.experiments.runs`): every launcher runs
+it with :func:`execute_claimed`, :func:`execute_run` under the directory's claim
+(:mod:`~normlab.experiments.claims`), so two launchers on one output directory never train the
+same run twice. The launchers (:mod:`~normlab.experiments.launchers`): ``serial`` runs here,
+one run after the other (``jobs = 1``) or in ``jobs`` spawned worker processes with
+``threads`` (default 1) torch threads each; ``slurm`` submits a job array through submitit,
+``ray`` one Ray task per run. Each run seeds itself from its configuration, so the numbers do
+not depend on the launcher.
 
 Under ``torchrun`` every process trains the training runs together (``jobs`` must be 1); rank 0
-alone writes the suite files and runs the analyses.
+alone claims runs, writes the suite files and runs the analyses.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
-import multiprocessing as mp
 import os
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from normlab.experiments.analyses import get_runner
 from normlab.experiments.catalog import load_experiment
-from normlab.experiments.collectors import build_collectors, json_default
-from normlab.experiments.spec import Experiment, ExperimentError, Variant, parse_experiment
+from normlab.experiments.collectors import json_default
+from normlab.experiments.launchers import LAUNCHERS, Launch, LaunchOptions, register_launcher
+from normlab.experiments.runs import (
+    PreemptedError,
+    RunSpec,
+    execute_claimed,
+    execute_run,
+    with_config,
+    write_json,
+)
+from normlab.experiments.spec import Experiment, ExperimentError, parse_experiment
 from normlab.train import (
     RESUME_MUTABLE_KEYS,
     Config,
-    Trainer,
     atomic_write_text,
     config_from_dict,
     diff_configs,
@@ -56,38 +60,26 @@ from normlab.train.distributed import env_world_size, is_main_process
 
 __all__ = [
     "EXPERIMENT_COPY",
+    "LAUNCHERS",
     "SUITE_FILE",
+    "Launch",
+    "LaunchOptions",
+    "PreemptedError",
     "RunSpec",
     "default_jobs",
+    "execute_claimed",
     "execute_run",
     "load_suite",
     "plan_runs",
+    "read_suite",
+    "register_launcher",
     "run_experiment",
+    "with_config",
     "write_json",
 ]
 
 SUITE_FILE = "suite.json"
 EXPERIMENT_COPY = "experiment.toml"
-
-
-@dataclass
-class RunSpec:
-    """One (variant, seed) run of an experiment, where it goes and its configuration: a
-    :class:`normlab.train.Config` (training) or the analysis parameters (a dict)."""
-
-    variant: Variant
-    seed: int
-    run_dir: Path
-    config: Config | dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return "analysis" if isinstance(self.config, dict) else "train"
-
-    @property
-    def finished(self) -> bool:
-        marker = "summary.json" if self.kind == "train" else "result.json"
-        return (self.run_dir / marker).is_file()
 
 
 def _positive(value: Any, key: str) -> int:
@@ -133,9 +125,15 @@ def plan_runs(
     return specs
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON, written atomically (paths and arrays as strings / lists)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+def read_suite(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``suite.json`` of a suite run directory (:class:`ExperimentError` if it has none)."""
+    p = Path(run_dir) / SUITE_FILE
+    if not p.is_file():
+        raise ExperimentError(
+            f"{str(run_dir)!r} is not an experiment run directory (no {SUITE_FILE}); create one "
+            "with `normlab run EXPERIMENT`"
+        )
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def load_suite(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Experiment]:
@@ -144,13 +142,7 @@ def load_suite(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Experim
     ``suite["experiment_changed"]`` is then set if it differs from the copy made at run time),
     else from the copy ``experiment.toml`` in the run directory."""
     d = Path(run_dir)
-    p = d / SUITE_FILE
-    if not p.is_file():
-        raise ExperimentError(
-            f"{str(d)!r} is not an experiment run directory (no {SUITE_FILE}); create one with "
-            "`normlab run EXPERIMENT`"
-        )
-    suite = json.loads(p.read_text(encoding="utf-8"))
+    suite = read_suite(d)
     copy_path = d / EXPERIMENT_COPY
     orig = Path(suite.get("experiment_path", ""))
     if orig.is_file():
@@ -175,72 +167,6 @@ def default_jobs() -> int:
     except AttributeError:  # pragma: no cover - macOS/Windows
         n = os.cpu_count() or 1
     return max(1, min(n, 8))
-
-
-# ----------------------------------------------------------------------------------------------
-# one run
-
-
-def _quiet(msg: str) -> None:
-    pass
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def execute_run(
-    exp: Experiment,
-    spec: RunSpec,
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train or analyse one run into ``spec.run_dir`` (resuming a training run from its
-    checkpoint unless ``overwrite``). Returns ``{status, seconds[, summary]}`` with status
-    ``"trained"``, ``"resumed"`` or ``"analysed"``; exceptions propagate."""
-    log = log or _quiet
-    t = time.perf_counter()
-    d = spec.run_dir
-    if isinstance(spec.config, dict):
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(d / "params.json", spec.config)
-        runner = get_runner(spec.config.get("runner"), exp.name)
-        result = runner.run(spec.config, spec.seed, d, log)
-        result = {
-            "variant": spec.variant.name,
-            "seed": spec.seed,
-            "time": round(time.perf_counter() - t, 3),
-            **result,
-        }
-        write_json(d / "result.json", result)
-        return {"status": "analysed", "seconds": time.perf_counter() - t}
-    resumed = (d / "checkpoint.pt").is_file() and not overwrite
-    trainer = Trainer(spec.config, d, resume=not overwrite, overwrite=overwrite, log=_quiet)
-    # collectors write files: rank 0's alone under torchrun (they hold no collectives)
-    collectors = (
-        build_collectors(exp.collect, trainer, d, overwrite or not resumed, exp.name)
-        if trainer.dist.is_main
-        else []
-    )
-    trainer.callbacks.extend(collectors)
-    try:
-        summary = trainer.fit().summary
-    finally:
-        for c in collectors:
-            c.close()
-    return {
-        "status": "resumed" if resumed else "trained",
-        "seconds": time.perf_counter() - t,
-        "summary": summary,
-    }
-
-
-def _execute_in_worker(exp: Experiment, spec: RunSpec, overwrite: bool) -> dict[str, Any]:
-    return execute_run(exp, spec, overwrite, _stderr)
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
 
 
 def _finished(exp: Experiment, spec: RunSpec, overwrite: bool) -> bool:
@@ -275,29 +201,13 @@ def _finished(exp: Experiment, spec: RunSpec, overwrite: bool) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# the suite
-
-
-def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
-    p = out / SUITE_FILE
-    if not p.is_file() or overwrite:
-        return
-    old = json.loads(p.read_text(encoding="utf-8"))
-    for key in ("experiment", "scale"):
-        if old.get(key) != suite[key]:
-            raise ExperimentError(
-                f"{str(out)!r} holds a run of {old.get('experiment')!r} at scale "
-                f"{old.get('scale')!r}; choose another --out or pass --overwrite"
-            )
-
-
-def _with_progress(spec: RunSpec, progress: str) -> RunSpec:
-    if isinstance(spec.config, dict) or spec.config.run.progress == progress:
-        return spec
-    cfg = copy.deepcopy(spec.config)
-    cfg.run.progress = progress
-    return RunSpec(spec.variant, spec.seed, spec.run_dir, cfg.validate())
+_NOTES = {
+    "skipped": "finished by another launcher, skipped",
+    "busy": "claimed by {holder}, skipped",
+    "preempted": "checkpointed at step {step}, to resume",
+    "lost": "claim taken over by another launcher, stopped",
+    "submitted": "submitted as job {job_id}",
+}
 
 
 class _Progress:
@@ -317,8 +227,11 @@ class _Progress:
         left = elapsed / self.done * (self.n - self.done)
         head = f"  [{self.done:>{len(str(self.n))}}/{self.n}] {self.tag(spec)}"
         times = f"({outcome['seconds']:.1f} s; {elapsed:.0f} s elapsed, ~{left:.0f} s left)"
-        if outcome["status"] == "failed":
+        status = outcome["status"]
+        if status == "failed":
             self.log(f"{head}  FAILED: {outcome['error']}")
+        elif status in _NOTES:
+            self.log(f"{head}  {_NOTES[status].format_map(_Missing(outcome))}")
         elif "summary" in outcome:
             s = outcome["summary"]
             self.log(
@@ -327,7 +240,29 @@ class _Progress:
                 f"{1000 * s['time_per_step']:.1f} ms/step  {times}"
             )
         else:
-            self.log(f"{head}  {outcome['status']} {times}")
+            self.log(f"{head}  {status} {times}")
+
+
+class _Missing(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+# ----------------------------------------------------------------------------------------------
+# the suite
+
+
+def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
+    p = out / SUITE_FILE
+    if not p.is_file() or overwrite:
+        return
+    old = json.loads(p.read_text(encoding="utf-8"))
+    for key in ("experiment", "scale"):
+        if old.get(key) != suite[key]:
+            raise ExperimentError(
+                f"{str(out)!r} holds a run of {old.get('experiment')!r} at scale "
+                f"{old.get('scale')!r}; choose another --out or pass --overwrite"
+            )
 
 
 def run_experiment(
@@ -342,11 +277,13 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     progress: str = "off",
     threads: int | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     keep_going: bool = False,
+    launcher: str = "serial",
+    options: LaunchOptions | None = None,
 ) -> dict[str, Any]:
     """Run every (variant, seed) of an experiment at ``scale`` into ``out`` (default
-    ``runs/<experiment>-<scale>``).
+    ``runs/<experiment>-<scale>``), each run exactly once (:func:`execute_claimed`).
 
     Args:
         seeds: seeds 0 .. seeds-1 (default: the experiment's at this scale).
@@ -357,13 +294,18 @@ def run_experiment(
         log: receives one line per run (default: silent).
         progress: ``run.progress`` of every training run.
         threads: torch CPU threads: for this process with ``jobs = 1`` (restored afterwards),
-            per worker with ``jobs > 1`` (default 1).
-        jobs: worker processes; 1 runs everything here, one run after the other.
+            per worker with ``jobs > 1`` (default 1), per run under ``slurm`` / ``ray``
+            (default: ``cpus_per_run``).
+        jobs: ``serial``: worker processes (default 1: everything here, one run after the
+            other); ``ray`` on a local cluster: runs at once (default: every CPU / GPU).
         keep_going: record a run that raises as ``"failed"`` (with its ``error``) and go on;
             otherwise the first failure stops the sweep and propagates.
+        launcher: ``"serial"``, ``"slurm"`` or ``"ray"`` (:data:`LAUNCHERS`).
+        options: settings of the ``slurm`` / ``ray`` launchers and of the claims.
 
     Returns the suite record written to ``out/suite.json``, with each run's ``status``
-    (``trained``, ``resumed``, ``analysed``, ``skipped`` or ``failed``) and ``out``.
+    (``trained``, ``resumed``, ``analysed``, ``skipped``, ``busy``, ``failed``, ``submitted``,
+    ...) and ``out``.
 
     Example::
 
@@ -378,19 +320,27 @@ def run_experiment(
         >>> [r["status"] for r in suite["runs"]]
         ['skipped']
     """
-    jobs = _positive(jobs, "--jobs")
+    if launcher not in LAUNCHERS:
+        raise ExperimentError(f"--launcher: {launcher!r} is unknown; valid: {', '.join(LAUNCHERS)}")
+    if jobs is not None:
+        _positive(jobs, "--jobs")
     if threads is not None:
         _positive(threads, "--threads")
-    if jobs > 1 and env_world_size() > 1:
+    if (jobs or 1) > 1 and env_world_size() > 1:
         raise ExperimentError("--jobs: parallel worker processes cannot be combined with torchrun")
+    if launcher != "serial" and env_world_size() > 1:
+        raise ExperimentError(f"--launcher {launcher}: start it once, not under torchrun")
+    options = options or LaunchOptions()
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
     if scale != "full":
         exp.scale(scale)  # raises for an unknown scale
     out = Path(out) if out is not None else Path("runs") / f"{exp.name}-{scale}"
-    log = log or _quiet
+    if launcher != "serial":  # the jobs may start in another working directory
+        out = out.absolute()
+    log = log or (lambda msg: None)
     extra = [e if isinstance(e, str) else f"{e[0]}={json.dumps(e[1])}" for e in overrides]
     specs = [
-        _with_progress(s, progress)
+        with_config(s, progress=progress)
         for s in plan_runs(exp, out, scale, seeds, extra, device, variants)
     ]
     suite: dict[str, Any] = {
@@ -403,6 +353,7 @@ def run_experiment(
         "overrides": extra,
         "device": device,
         "variants": [s.variant.name for s in specs if s.seed == 0],
+        "launcher": launcher,
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "runs": [
             {
@@ -426,8 +377,7 @@ def run_experiment(
             log(f"  {spec.variant.name} seed {spec.seed}: finished, skipped")
         else:
             todo.append((spec, rec))
-    workers = min(jobs, len(todo)) or 1
-    suite["jobs"] = workers
+    suite["jobs"] = (min(jobs or 1, len(todo)) or 1) if launcher == "serial" else jobs
 
     def save() -> None:
         if main:
@@ -439,74 +389,19 @@ def run_experiment(
         save()
     width = max((len(s.variant.name) for s, _ in todo), default=0)
     prog = _Progress(log, len(todo), width)
-    if workers > 1:
-        log(
-            f"  {workers} worker processes with {threads or 1} torch thread(s) each; "
-            "one line per finished run follows"
-        )
 
     def record(spec: RunSpec, rec: dict[str, Any], outcome: dict[str, Any]) -> None:
         rec["status"] = outcome["status"]
-        if "error" in outcome:
-            rec["error"] = outcome["error"]
+        for key in ("error", "holder", "job_id"):
+            if key in outcome:
+                rec[key] = outcome[key]
         prog.finished(spec, outcome)
         save()
 
-    def failure(e: Exception, t: float) -> dict[str, Any]:
-        return {
-            "status": "failed",
-            "error": f"{type(e).__name__}: {e}",
-            "seconds": time.perf_counter() - t,
-        }
-
-    if workers == 1:
-        prev = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            for spec, rec in todo:
-                verb = "analysing" if spec.kind == "analysis" else "training"
-                if (
-                    spec.kind == "train"
-                    and (spec.run_dir / "checkpoint.pt").is_file()
-                    and not overwrite
-                ):
-                    verb = "resuming"
-                log(f"  {verb} {spec.variant.name} seed {spec.seed} ...")
-                t = time.perf_counter()
-                try:
-                    outcome = execute_run(exp, spec, overwrite, log)
-                except Exception as e:
-                    if not keep_going:
-                        raise
-                    outcome = failure(e, t)
-                record(spec, rec, outcome)
-        finally:
-            torch.set_num_threads(prev)
-    else:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads or 1,)
-        ) as ex:
-            futures: dict[Future[dict[str, Any]], tuple[RunSpec, dict[str, Any], float]] = {
-                ex.submit(_execute_in_worker, exp, spec, overwrite): (
-                    spec,
-                    rec,
-                    time.perf_counter(),
-                )
-                for spec, rec in todo
-            }
-            for fut in as_completed(futures):
-                spec, rec, t = futures[fut]
-                try:
-                    outcome = fut.result()
-                except Exception as e:
-                    if not keep_going:
-                        ex.shutdown(wait=True, cancel_futures=True)
-                        raise
-                    outcome = failure(e, t)
-                record(spec, rec, outcome)
-    suite["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    ctx = Launch(exp, out, todo, overwrite, threads, jobs, keep_going, log, options, suite, record)
+    LAUNCHERS[launcher](ctx)
+    if not any(r["status"] == "submitted" for r in suite["runs"]):
+        suite["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     suite["wall_time"] = round(time.perf_counter() - prog.t0, 2)
     save()
     suite["out"] = str(out)

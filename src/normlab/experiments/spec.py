@@ -5,7 +5,8 @@ Every table of an experiment file becomes a dataclass built by
 out-of-range value is rejected naming the key, exactly like a training config: ``[experiment]``
 (:class:`Header`), ``[[variant]]`` (:class:`Variant`), ``[[grid]]`` (:class:`Grid`),
 ``[scale.NAME]`` (:class:`Scale`), ``[[table]]`` (:class:`Table`), ``[[claim]]`` (:class:`Claim`),
-``[collect]`` (:data:`COLLECT_OPTIONS`) and ``[plots]`` (:class:`Plots`). Records also read like
+``[collect]`` (:data:`COLLECT_OPTIONS`), ``[plots]`` (:class:`Plots`) and ``[launcher]``
+(:class:`Launcher`, the resources of each run on a cluster). Records also read like
 the tables they came from (``table["columns"]``, ``claim.get("at")``). The format itself is
 described in :mod:`normlab.experiments` and ``experiments/README.md``.
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +50,7 @@ __all__ = [
     "GMMCollect",
     "Grid",
     "Header",
+    "Launcher",
     "LossesPlot",
     "PercentilesCollect",
     "Plots",
@@ -57,14 +61,16 @@ __all__ = [
     "Table",
     "Variant",
     "is_glob",
+    "launcher_from",
     "match_variants",
     "parse_experiment",
+    "slurm_minutes",
 ]
 
 OPS = ("<", ">", "<=", ">=", "increasing", "decreasing")
 _KWARG_KEYS = {("data", "kwargs"), ("model", "kwargs")}
 _TOP_KEYS = ("experiment", "base", "variant", "grid", "scale", "collect", "table", "claim")
-_TOP_KEYS += ("plots", "analysis")
+_TOP_KEYS += ("plots", "analysis", "launcher")
 
 
 class ExperimentError(ValueError):
@@ -318,6 +324,69 @@ class Plots(Record):
     speedup: SpeedupPlot | None = None
 
 
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_MEM = re.compile(r"\d+[KMGT]?")
+
+
+def slurm_minutes(value: str | int, where: str = "time") -> int:
+    """A Slurm time limit (``90`` minutes, ``"MM:SS"``, ``"HH:MM:SS"``, ``"D-HH[:MM[:SS]]"``) in
+    whole minutes, rounded up: ``slurm_minutes("4:00:00") == 240``, ``slurm_minutes("1-12") ==
+    2160``."""
+    m = None if isinstance(value, bool) else _TIME.fullmatch(str(value).strip())
+    days, a, b, c = (int(x or 0) for x in m.groups()) if m else (0, 0, 0, 0)
+    if m and m.group(1):  # D-HH[:MM[:SS]]
+        seconds = ((days * 24 + a) * 60 + b) * 60 + c
+    else:  # HH:MM:SS or MM[:SS]
+        seconds = (a * 60 + b) * 60 + c if m and m.group(4) else a * 60 + b
+    if seconds <= 0:
+        raise ExperimentError(
+            f"{where}: {value!r} is not a positive Slurm time limit; use minutes (90), HH:MM:SS "
+            "(4:00:00) or D-HH:MM:SS (1-12:00:00)"
+        )
+    return math.ceil(seconds / 60)
+
+
+@dataclass
+class Launcher(Record):
+    """``[launcher]``: each run's resources under ``normlab run --launcher slurm|ray`` (a
+    ``--launcher-config`` file's ``[launcher]``, then the flags, win). Slurm: ``partition``,
+    ``account``, ``qos``, ``mem`` (``"32G"``), ``time`` (:func:`slurm_minutes`), ``slurm_params``
+    (more sbatch options); ``gpus_per_run`` (> 1: DDP, one process per GPU, Slurm only) and
+    ``cpus_per_run`` (shared by the run's processes); Ray: ``ray_address``."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    mem: str = ""
+    time: str | int = ""
+    gpus_per_run: int = field(default=0, metadata={"ge": 0})
+    cpus_per_run: int = field(default=1, metadata={"ge": 1})
+    slurm_params: dict = field(default_factory=dict)
+    ray_address: str = ""
+
+    def merged(self, table: Mapping[str, Any], where: str) -> Launcher:
+        """A copy with ``table``'s keys replaced (``slurm_params`` key by key), checked."""
+        d = {**{f.name: getattr(self, f.name) for f in fields(self)}, **table}
+        sp = table.get("slurm_params", {})
+        d["slurm_params"] = {**self.slurm_params, **sp} if isinstance(sp, Mapping) else sp
+        return launcher_from(d, where)
+
+
+def launcher_from(table: Any, where: str) -> Launcher:
+    """A checked :class:`Launcher` from a ``[launcher]`` table."""
+    r = _build(Launcher, table, where)
+    if r.mem and not _MEM.fullmatch(r.mem):
+        raise ExperimentError(f"{where}.mem: {r.mem!r} is not a Slurm size; use e.g. 32G or 4000M")
+    if r.time not in ("", None):
+        slurm_minutes(r.time, f"{where}.time")
+    for k, v in r.slurm_params.items():
+        if isinstance(v, Mapping | list) or v is None:
+            raise ExperimentError(
+                f"{where}.slurm_params.{k}: expected a string, number or boolean, got {v!r}"
+            )
+    return r
+
+
 def _plots_from(d: Any, where: str) -> Plots:
     if not isinstance(d, Mapping):
         raise ExperimentError(f"{where}: expected a table")
@@ -440,6 +509,7 @@ class Experiment:
     claims: list[Claim]
     plots: Plots
     analysis: dict[str, Any]
+    launcher: Launcher = field(default_factory=Launcher)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def variant(self, name: str) -> Variant:
@@ -725,5 +795,6 @@ def parse_experiment(d: Mapping[str, Any], path: Path) -> Experiment:
         claims=claims,
         plots=_plots_from(d.get("plots", {}), f"{name}: plots"),
         analysis=dict(analysis),
+        launcher=launcher_from(d.get("launcher", {}), f"{name}: launcher"),
         raw=dict(d),
     ).check_references()

@@ -24,7 +24,7 @@ Pieces (all under ``torch.no_grad()``; fixed iteration counts, so no host synchr
   renormalises the posteriors over the remaining ones (Kalayeh & Shah, Sec. 5.3).
 * :func:`kmeans_init` — Lloyd iterations, then the hard M-step of the assignment that produced
   the final centres: the initial mixture.
-* :func:`fit_gmm` — seeding, :func:`kmeans_init`, EM.
+* :func:`fit_from_centers` / :func:`fit_gmm` — (seeding,) k-means, the initial mixture, EM.
 
 Across processes (:func:`normlab.sync_stats`) every sum is all-reduced and the seeding uses the
 first process's random draws, so every process ends with the fit a single process holding the
@@ -51,6 +51,7 @@ __all__ = [
     "PointSet",
     "assign",
     "e_step",
+    "fit_from_centers",
     "fit_gmm",
     "hard_m_step",
     "kmeans",
@@ -76,10 +77,11 @@ class GMMParams(NamedTuple):
 
 
 def split_em_iters(em_iters: int) -> tuple[int, int]:
-    """Split the paper's "EM iter." (Kalayeh & Shah, Sec. 4.2: the same number of k-means and EM iterations,
-    reported as their sum) into ``(kmeans_iters, em_iters)``. An odd total gives the extra
-    iteration to EM (it is EM that refines the likelihood; k-means only initialises it):
-    0 -> (0, 0), 1 -> (0, 1), 2 -> (1, 1), 3 -> (1, 2), 4 -> (2, 2)."""
+    """Split the paper's "EM iter." (Kalayeh & Shah, Sec. 4.2: the same number of k-means and EM
+    iterations, reported as their sum) into ``(kmeans_iters, em_iters)`` for
+    :func:`fit_from_centers`. An odd total gives the extra iteration to EM (it is EM that refines
+    the likelihood; k-means only initialises it): 0 -> (0, 0), 1 -> (0, 1), 2 -> (1, 1),
+    3 -> (1, 2), 4 -> (2, 2)."""
     if isinstance(em_iters, bool) or not isinstance(em_iters, int) or em_iters < 0:
         raise ValueError(f"em_iters must be an integer >= 0, got {em_iters!r}")
     km = em_iters // 2
@@ -113,11 +115,13 @@ class PointSet:
         dt = stat_dtype(x)
         shape = x.shape
         x = x.detach().to(dt)
-        x = x if x.dim() == 2 else x.reshape(x.shape[0], x.shape[1], -1)
+        if x.dim() > 2:  # an empty set of points is kept flat: (0, C)
+            x = x.reshape(x.shape[0], x.shape[1], -1) if x.numel() else x.reshape(0, x.shape[1])
         if shift is None:
             if center:  # the mean of all points (of every process inside a reduction scope)
                 n = x.shape[0] * (1 if x.dim() == 2 else x.shape[2])
-                count = x.new_full((), float(n))  # a fill kernel, not a host-to-device copy
+                # a fill kernel, not a host-to-device copy; n stays symbolic under export
+                count = torch.full((), n, dtype=dt, device=x.device)
                 count, s1 = reduce_sums(count, x.sum(0) if x.dim() == 2 else x.sum((0, 2)))
                 shift = s1 / count.clamp_min(1.0)
             else:
@@ -173,11 +177,21 @@ class PointSet:
         return (coef @ self.raw).sub_(off[:, None])
 
     def points_at(self, index: Tensor) -> Tensor:
-        """The shifted points with flat indices ``index`` (J,) as a (J, C) matrix."""
+        """The shifted points with flat indices ``index`` (J,) as a (J, C) matrix (zeros if the
+        set is empty: a process with no points of its own inside a reduction scope)."""
+        if self.count == 0:
+            return self.raw.new_zeros(index.shape[0], self.channels)
         if self._flat:
             return self.raw[index] - self.shift
         length = self.raw.shape[2]
         return self.raw[index // length, :, index % length] - self.shift
+
+    def take_squares(self) -> tuple[Tensor]:
+        """Hand over the squares' memory (e.g. to become an output): ``(sq,)``; the set keeps
+        none afterwards."""
+        sq = self.sq
+        self.sq = None  # type: ignore[assignment]
+        return (sq,)
 
     def sums(self, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Σ r_k, Σ r_k x, Σ r_k x² of the shifted points for responsibilities ``resp`` in the
@@ -255,10 +269,10 @@ def kmeans_plus_plus(
     if n_cand < 1:
         raise ValueError(f"kmeans_plus_plus: n_candidates must be >= 1, got {n_candidates}")
     dev, dt, m = ps.device, ps.dtype, ps.count
-    if m < 1:
+    group = current_group()
+    if m < 1 and group is None:  # in a group, a process may hold none of the points
         raise ValueError("kmeans_plus_plus: need at least one point")
     u = torch.rand(1 + (k - 1) * n_cand, device=dev, dtype=dt, generator=generator)
-    group = current_group()
     if group is not None:
         return _kmeans_plus_plus_synced(ps, k, n_cand, u, group)
     first = u[:1].mul(m).long().clamp_max_(m - 1)
@@ -464,6 +478,24 @@ def e_step(
     return resp.div_(total), (top + torch.log(total)).squeeze(1)
 
 
+@torch.no_grad()
+def fit_from_centers(
+    points: Tensor | PointSet, centers: Tensor, kmeans_iters: int, em_iters: int, reg_covar: float
+) -> GMMParams:
+    """The fit from given centres (K, C): ``kmeans_iters`` Lloyd iterations, the initial mixture
+    from the assignment to the final centres (:func:`hard_m_step`, as scikit-learn's
+    ``GaussianMixture`` starts from k-means labels; with ``kmeans_iters = 0`` the assignment to
+    ``centers``), then ``em_iters`` EM iterations (E-step, M-step). Centres and result in the
+    points' (shifted) coordinates. Every increment of either count does work."""
+    ps = _as_pointset(points)
+    # kmeans_init(n + 1): n Lloyd updates, then the M-step of the assignment to their result
+    _, _, params = kmeans_init(ps, centers, kmeans_iters + 1, reg_covar)
+    for _ in range(em_iters):
+        resp, _ = e_step(ps, params)
+        params = m_step(ps, resp, reg_covar, params.mean)
+    return params
+
+
 def fit_gmm(
     points: Tensor | PointSet,
     k: int,
@@ -477,10 +509,10 @@ def fit_gmm(
     """Fit a K-component diagonal GMM to the points of ``points`` (Kalayeh & Shah, Sec. 3.2, 4.2).
 
     k-means++ seeding (skipped if ``init_means`` (K, C), in the points' original coordinates, is
-    given) -> ``kmeans_iters`` Lloyd iterations -> the initial mixture from the final assignment
-    (:func:`hard_m_step`; with ``kmeans_iters = 0`` the assignment to the seeds) -> ``em_iters``
-    EM iterations (E-step then M-step, like scikit-learn's ``GaussianMixture``). Returns the
-    parameters in the points' original coordinates.
+    given), then :func:`fit_from_centers`: ``kmeans_iters`` Lloyd iterations, the initial mixture
+    from the assignment to the final centres, ``em_iters`` EM iterations — scikit-learn's
+    ``KMeans(max_iter=kmeans_iters)`` labels, their M-step, ``GaussianMixture(max_iter=em_iters)``.
+    Returns the parameters in the points' original coordinates.
     """
     ps = _as_pointset(points, center=True)
     if init_means is None:
@@ -491,9 +523,4 @@ def fit_gmm(
                 f"fit_gmm: init_means must have shape ({k}, {ps.channels}), got {tuple(init_means.shape)}"
             )
         centers = init_means.to(ps.dtype) - ps.shift
-    with torch.no_grad():
-        _, _, params = kmeans_init(ps, centers, kmeans_iters, reg_covar)
-        for _ in range(em_iters):
-            resp, _ = e_step(ps, params)
-            params = m_step(ps, resp, reg_covar, params.mean)
-    return ps.unshift(params)
+    return ps.unshift(fit_from_centers(ps, centers, kmeans_iters, em_iters, reg_covar))

@@ -27,8 +27,11 @@ Two implementations of the transform, chosen at every forward by
   closed-form backward in training (used without the fused activation).
 
 Everything is computed channel-first, in float32 for half-precision input, with autocast disabled
-inside the layer. Under :func:`normlab.sync_stats` the fit and the statistics use all-reduced sums
-of every process's points. Readings of the paper's ambiguous passages (fit schedule, seeding,
+inside the layer; a training step compiles to one graph (``torch.compile(fullgraph=True)``, queue
+updates included) and the eval layer exports to ONNX with a dynamic batch. An empty batch gives an
+empty output and leaves the buffers alone, as BatchNorm does. Under :func:`normlab.sync_stats` the
+fit and the statistics use all-reduced sums of every process's points (a process with no points
+joins every collective). Readings of the paper's ambiguous passages (fit schedule, seeding,
 Eq. 37–38), the ``init="warm"`` option, numerics and measurements: ``docs/methods/mixture.md``.
 """
 
@@ -45,6 +48,7 @@ from normlab.nn._kernels import kernels_enabled
 from normlab.nn._kernels import mixture as kernels
 from normlab.nn._utils import (
     add_channel_affine,
+    channel_view,
     check_eps,
     check_input,
     check_positive_int,
@@ -53,7 +57,7 @@ from normlab.nn._utils import (
 )
 from normlab.nn.gmm import GMMParams, PointSet
 from normlab.nn.registry import register_norm
-from normlab.nn.stats import weighted_channel_sums
+from normlab.nn.stats import current_group, weighted_channel_sums
 
 __all__ = [
     "MixtureNorm",
@@ -88,24 +92,12 @@ def _check_choice(value: object, name: str, choices: tuple[str, str], where: str
     return value.lower()
 
 
-def _check_unit(
-    value: object,
-    name: str,
-    lo: float,
-    hi: float,
-    lo_closed: bool,
-    hi_closed: bool,
-    where: str = _LAYER,
-) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and (value >= lo if lo_closed else value > lo)
-        and (value <= hi if hi_closed else value < hi)
-    )
+def _check_unit(value: object, name: str, interval: str, where: str = _LAYER) -> float:
+    """``value`` as a float in ``interval``: "[0, 1]", "[0, 1)" or "(0, 1]"."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value >= 0.0 if interval[0] == "[" else value > 0.0)  # type: ignore[operator]
+    ok = ok and (value <= 1.0 if interval[-1] == "]" else value < 1.0)  # type: ignore[operator]
     if not ok:
-        interval = f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
         raise ValueError(f"{where}: {name} must be a number in {interval}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
@@ -116,8 +108,13 @@ def _cv(v: Tensor, ndim: int) -> Tensor:
 
 
 def _layout(x: Tensor) -> Tensor:
-    """(N, C) stays; (N, C, *) -> (N, C, L) (a view for contiguous input)."""
-    return x if x.dim() <= 3 else x.reshape(x.shape[0], x.shape[1], -1)
+    """(N, C) stays; (N, C, *) -> (N, C, L) (a view for contiguous input); an empty input ->
+    (0, C) (no points either way; a process's share of a synchronised batch may be empty)."""
+    if x.dim() == 2:
+        return x
+    if x.numel() == 0:
+        return x.reshape(0, x.shape[1])
+    return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1)
 
 
 class _Stats(NamedTuple):
@@ -202,12 +199,14 @@ def _normalize(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eq. 34–36 (+ Eq. 40) in point layout: the kernel (:class:`MixtureNormFn
     <normlab.nn._kernels.mixture.MixtureNormFn>`, no activation, kernels enabled) or the reference.
-    ``ps`` is the :class:`PointSet` of ``x`` (the kernel consumes its squares). Returns ``y`` and
+    ``ps`` is the :class:`PointSet` of ``x`` (in eager mode the kernel consumes its squares). Returns ``y`` and
     the detached λ, μ, σ²."""
     if activation is None and kernels_enabled():
         cnt, s1, s2c = weighted_channel_sums(ps.raw, nu, ps.sq)
         st = _stats_from_sums(cnt, s1, s2c, ps.shift, eps)
-        args = (ps, st.mean, st.rstd, st.alpha, st.cnt)
+        # eager: the squares' memory becomes the output; compiled: inductor plans the memory
+        scratch = None if torch.compiler.is_compiling() else ps.take_squares()
+        args = (st.mean, st.rstd, st.alpha, st.cnt, scratch)
         y = kernels.MixtureNormFn.apply(x, nu, weight, bias, *args)
     else:
         y, st = _normalize_autograd(x, nu, weight, bias, eps, activation, ps.shift)
@@ -357,9 +356,10 @@ def _fit_posteriors(
     """Posteriors ν (points' layout), the kept-component mask (K,) and the mixture whose posteriors
     ν are (in ``ps``'s shifted coordinates; pruned components have weight 0, the kept ones' weights
     sum to 1; ``None`` for K = 1, where it is the batch's Gaussian). ``em_iters`` k-means + EM
-    iterations in total, split by :func:`~normlab.nn.gmm.split_em_iters`; with the full batch the
-    last EM iteration's M-step is the normalization itself (Eq. 35–36), so only the E-step runs.
-    ``init_centers`` (K, C), shifted, replaces the k-means++ seeding (``init="warm"``)."""
+    iterations in total, split by :func:`~normlab.nn.gmm.split_em_iters` and run by
+    :func:`~normlab.nn.gmm.fit_from_centers` (on the sub-sample, if any), then the E-step of every
+    point gives ν; 0: one-hot posteriors of the nearest seed. ``init_centers`` (K, C), shifted,
+    replaces the k-means++ seeding (``init="warm"``)."""
     if k == 1:  # no fit: the mixture is the batch's Gaussian, i.e. the normalization statistics
         shape = (ps.raw.shape[0], 1, *ps.raw.shape[2:])
         nu = torch.ones(shape, dtype=ps.dtype, device=ps.device)
@@ -371,8 +371,8 @@ def _fit_posteriors(
         centers, _ = gmm.kmeans_plus_plus(fit_ps, k, generator=generator)
     else:
         centers = init_centers.to(ps.dtype)
-    centers, labels, params = gmm.kmeans_init(fit_ps, centers, n_km, reg_covar)
-    if n_em == 0:
+    if em_iters == 0:
+        _, _, params = gmm.kmeans_init(fit_ps, centers, 0, reg_covar)  # the seeds' clusters
         keep = _keep_mask(params.weight, min_weight)
         labels = gmm.assign(ps, centers, keep)
         # the nearest-centre rule as a mixture: equal weights over the kept centres and one
@@ -382,9 +382,7 @@ def _fit_posteriors(
         pooled = (params.weight[:, None] * params.var).sum() / ps.channels
         fit = GMMParams(kept / kept.sum(), centers, pooled.expand_as(centers).clone())
         return gmm.one_hot(labels, k, ps.dtype), keep, fit
-    for _ in range(n_em - 1 if full else n_em):
-        resp, _ = gmm.e_step(fit_ps, params)
-        params = gmm.m_step(fit_ps, resp, reg_covar, params.mean)
+    params = gmm.fit_from_centers(fit_ps, centers, n_km, n_em, reg_covar)
     keep = _keep_mask(params.weight, min_weight)
     nu, _ = gmm.e_step(ps, params, keep)
     w = torch.where(keep, params.weight, 0.0)
@@ -404,13 +402,14 @@ def mixture_posteriors(
 ) -> tuple[Tensor, Tensor]:
     """The posteriors ν of Eq. 31 that :class:`MixtureNorm` uses in training (Kalayeh & Shah,
     Sec. 3.2, 4.2, 5.1, 5.3): fit a K-component diagonal GMM to the points of ``x`` (k-means++
-    seeding, then ``em_iters`` k-means + EM iterations in total, split equally) and prune the
+    seeding, then ``em_iters`` k-means + EM iterations in total, split equally, the extra one to
+    EM: 2 is one k-means iteration, the mixture of its labels, one EM iteration) and prune the
     components with fitted λ_k < ``min_weight``. No gradient.
 
     Args:
         x: the points, channel-first.
         k: number of components K.
-        em_iters: k-means + EM iterations in total (0: hard k-means posteriors).
+        em_iters: k-means + EM iterations in total (0: one-hot posteriors of the nearest seed).
         eps: variance floor of the fit.
         min_weight: pruning threshold on λ_k, in [0, 1).
         sample_fraction: fit on this random fraction of the points, in (0, 1].
@@ -431,8 +430,8 @@ def mixture_posteriors(
     check_positive_int(k, "k", where)
     check_positive_int(em_iters, "em_iters", where, minimum=0)
     check_eps(eps, where)
-    _check_unit(min_weight, "min_weight", 0.0, 1.0, True, False, where)
-    _check_unit(sample_fraction, "sample_fraction", 0.0, 1.0, False, True, where)
+    _check_unit(min_weight, "min_weight", "[0, 1)", where)
+    _check_unit(sample_fraction, "sample_fraction", "(0, 1]", where)
     if x.numel() == 0:
         raise ValueError(f"{where}: got an empty input of shape {tuple(x.shape)}")
     ps = PointSet(x)
@@ -572,7 +571,9 @@ class MixtureNorm(nn.Module):
     Args:
         num_features: C.
         k: number of mixture components K (K = 1 is batch normalization).
-        em_iters: k-means + EM iterations in total (Kalayeh & Shah, Tables 2, 4 "EM iter.").
+        em_iters: k-means + EM iterations in total (Kalayeh & Shah, Tables 2, 4 "EM iter."; 2 is
+            one k-means then one EM iteration, 1 one EM iteration from the seeds' clusters, 0
+            the one-hot posteriors of the nearest seed).
         eps: ε of Eq. 35, also the variance floor of the fit.
         affine: learnable per-channel γ (init 1), β (init 0).
         queue_size: T, fits kept for inference (Kalayeh & Shah: 10).
@@ -634,15 +635,13 @@ class MixtureNorm(nn.Module):
         self.em_iters = check_positive_int(em_iters, "em_iters", _LAYER, minimum=0)
         self.eps = check_eps(eps, _LAYER)
         self.queue_size = check_positive_int(queue_size, "queue_size", _LAYER)
-        self.queue_decay = _check_unit(queue_decay, "queue_decay", 0.0, 1.0, True, True)
-        self.min_weight = _check_unit(min_weight, "min_weight", 0.0, 1.0, True, False)
-        self.sample_fraction = _check_unit(
-            sample_fraction, "sample_fraction", 0.0, 1.0, False, True
-        )
+        self.queue_decay = _check_unit(queue_decay, "queue_decay", "[0, 1]")
+        self.min_weight = _check_unit(min_weight, "min_weight", "[0, 1)")
+        self.sample_fraction = _check_unit(sample_fraction, "sample_fraction", "(0, 1]")
         self.activation = _check_activation(activation, _LAYER)
         self.inference = _check_choice(inference, "inference", _READINGS, _LAYER)
         self.init = _check_choice(init, "init", _INITS, _LAYER)
-        self.warm_momentum = _check_unit(warm_momentum, "warm_momentum", 0.0, 1.0, False, True)
+        self.warm_momentum = _check_unit(warm_momentum, "warm_momentum", "(0, 1]")
         c, t = num_features, self.queue_size
         self.affine = add_channel_affine(self, c, affine, _LAYER)
         self.register_buffer("queue_weight", torch.zeros(t, k))
@@ -686,8 +685,10 @@ class MixtureNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, _LAYER)
-        if x.numel() == 0:
-            raise ValueError(f"{_LAYER}: got an empty input of shape {tuple(x.shape)}")
+        # an empty batch is no batch, as for BatchNorm: nothing is fitted or queued; inside a
+        # reduction scope the full step runs, so this process joins every collective
+        if x.numel() == 0 and not (self.training and current_group() is not None):
+            return self._empty_forward(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if not self.training:
                 queue = (self.queue_weight, self.queue_mean, self.queue_var, self.queue_valid)
@@ -695,6 +696,19 @@ class MixtureNorm(nn.Module):
                 options = (self.queue_decay, self.eps, self.weight, self.bias, self.activation)
                 return mixture_norm_inference(x, *queue, *options, self.inference, *fit)
             return self._train_forward(x)
+
+    def _empty_forward(self, x: Tensor) -> Tensor:
+        """The empty output of an empty input: its affine transform (and activation), so that
+        backward reaches x, γ and β (with zero gradients); buffers untouched."""
+        y = x.to(stat_dtype(x))
+        if self.weight is not None:
+            nd = y.dim()
+            y = y * channel_view(self.weight.to(y.dtype), nd) + channel_view(
+                self.bias.to(y.dtype), nd
+            )
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return y.to(x.dtype)
 
     def _train_forward(self, x: Tensor) -> Tensor:
         dt = stat_dtype(x)
@@ -731,7 +745,7 @@ class MixtureNorm(nn.Module):
             (self.queue_valid, torch.ones((), dtype=torch.bool, device=lam.device)),
         ):
             buf.copy_(torch.cat([buf[1:], new.to(buf.dtype)[None]]))
-        if self._has_fit and self.init == "warm":
+        if self.init == "warm" and self._has_fit:  # (init first: no guard on the flag otherwise)
             # per-component momentum: m for a component of the fit, 1 (restart at its Eq. 35 mean,
             # the batch mean) for one absent from it (docs/methods/mixture.md, "Warm seeding")
             m = torch.where(lam > 0, self.warm_momentum, 1.0).to(self.warm_mean.dtype)

@@ -28,15 +28,19 @@ gates the channels of each sample, g_ck = softmax_k(ψ(⟨x_c⟩)) with ψ: ℝ 
 :func:`mode_norm` and :func:`mode_group_norm` are written with plain differentiable torch ops on
 the per-(sample, channel) moments of :func:`spatial_moments`, as x · scale + shift. By default the
 layers run the hand-written kernels of :mod:`normlab.nn._kernels.mode`, which compute the same
-values; ``with normlab.use_kernels(False):`` runs the plain reference. Statistics are computed in
-float32 for half-precision input (autocast off). Readings of the paper, deviations from its code
-and benchmarks: ``docs/methods/mode.md``.
+values; ``with normlab.use_kernels(False):`` runs the plain reference. Either way a layer compiles
+to one graph (``torch.compile(fullgraph=True)``, forward and backward, the running update inside),
+takes an empty batch as ``nn.BatchNorm2d`` does and exports to ONNX in eval mode. Statistics are
+computed in float32 for half-precision input (autocast off). Readings of the paper, deviations
+from its code and benchmarks: ``docs/methods/mode.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -45,6 +49,7 @@ from torch import Tensor, nn
 
 from normlab.nn._kernels import kernels_enabled
 from normlab.nn._kernels import mode as kernels
+from normlab.nn._kernels.mode import batch_center
 from normlab.nn._utils import (
     add_channel_affine,
     check_eps,
@@ -55,7 +60,7 @@ from normlab.nn._utils import (
     stat_dtype,
 )
 from normlab.nn.registry import register_norm
-from normlab.nn.stats import reduce_sums, weighted_sums
+from normlab.nn.stats import weighted_sums
 
 __all__ = [
     "MIN_MODE_WEIGHT",
@@ -93,6 +98,15 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _flat(x: Tensor) -> Tensor:
+    """``x`` in the statistics dtype as ``(N, C)`` or ``(N, C, L)`` (L the number of positions;
+    written out, so that an empty batch reshapes too)."""
+    xf = x.to(stat_dtype(x))
+    if x.dim() <= 3:
+        return xf
+    return xf.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
 def spatial_moments(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Per-(sample, channel) spatial mean ``m`` and biased spatial variance ``v`` of ``x``.
 
@@ -110,10 +124,9 @@ def spatial_moments(x: Tensor) -> tuple[Tensor, Tensor | None]:
         >>> m, v
         (tensor([[1.5000, 5.5000]]), tensor([[1.2500, 1.2500]]))
     """
-    xf = x.to(stat_dtype(x))
+    flat = _flat(x)
     if x.dim() == 2:
-        return xf, None
-    flat = xf.reshape(x.shape[0], x.shape[1], -1)
+        return flat, None
     m = flat.mean(2, keepdim=True)
     d = flat - m
     return m.squeeze(2), (d * d).mean(2)
@@ -144,27 +157,6 @@ def mode_gates(means: Tensor, gate_weight: Tensor, gate_bias: Tensor | None = No
     dt = means.dtype
     b = None if gate_bias is None else gate_bias.to(dt)
     return torch.softmax(F.linear(means, gate_weight.to(dt), b), dim=1)
-
-
-def batch_center(means: Tensor) -> Tensor:
-    """The (global) batch average of the per-sample means, detached: the constant that
-    :func:`mode_norm_statistics` subtracts before forming sums (numerical conditioning only).
-
-    Its count and sum go through :func:`normlab.nn.stats.reduce_sums`, so every process of a
-    distributed run uses the same centre, as the sums require.
-
-    Shape:
-        - means ``(N, C)``; output ``(C,)``.
-
-    Example::
-
-        >>> batch_center(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
-        tensor([2., 4.])
-    """
-    m = means.detach()
-    count = torch.tensor(float(m.shape[0]), dtype=m.dtype, device=m.device)
-    count, s1 = reduce_sums(count, m.sum(0))
-    return s1 / count
 
 
 def mode_norm_statistics(
@@ -264,50 +256,45 @@ def _mode_norm_scale_shift(
     b: Tensor | None,
     *,
     eps: float,
-    training: bool,
     running: tuple[Tensor, Tensor] | None = None,
-    momentum: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """ModeNorm's small function: gates (Alg. 1), then in training the batch statistics (Eq. 3)
-    and the update of ``running`` = (⟨x⟩_k, ⟨x²⟩_k) (Eq. 4), in eval the running estimates
-    (Alg. 2); then Eq. 2's per-(sample, channel) scale and shift."""
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """ModeNorm's small function: gates (Alg. 1), then in training (``running=None``) the batch
+    statistics (Eq. 3), in eval the given ``running = (μ_k, σ²_k)`` (Alg. 2); then Eq. 2's
+    per-(sample, channel) scale and shift. Returns ``(scale, shift, stats)`` with
+    ``stats = (μ_k, σ²_k, N_k)`` in training (for the update of Eq. 4), ``()`` in eval."""
     gates = mode_gates(means, gw, gb)  # (N, K)
-    if training:
+    if running is None:
         mean, var, nk = mode_norm_statistics(means, variances, gates)
-        if running is not None:
-            _update_running(*running, mean, var, nk, momentum)
+        stats: tuple[Tensor, ...] = (mean, var, nk)
     else:
-        assert running is not None
-        mean = running[0].to(means.dtype)
-        var = (running[1].to(means.dtype) - mean * mean).clamp_min(0)
-    return _scale_shift_from_stats(gates, mean, var, eps, w, b)
+        (mean, var), stats = running, ()
+    return (*_scale_shift_from_stats(gates, mean, var, eps, w, b), stats)
 
 
-def _gated_affine(
-    x: Tensor, fn: kernels.SmallFn, need_var: bool, params: tuple[Tensor | None, ...]
-) -> Tensor:
-    """``x * scale + shift`` with ``(scale, shift) = fn(m, v, *params)`` and m, v the spatial
-    moments of x (``v`` used only if ``need_var``). ``(N, C, *)`` input runs the fused kernel when
-    kernels are enabled; otherwise, and for ``(N, C)`` input, plain autograd. Call it under
-    :func:`_stats_context`; the output has the dtype and shape of ``x``."""
-    xf = x.to(stat_dtype(x))
-    if x.dim() == 2:  # one position per (sample, channel): m = x, v = 0
-        scale, shift = fn(xf, None, *params)
-        return torch.addcmul(shift, xf, scale).to(x.dtype)
-    flat = xf.reshape(x.shape[0], x.shape[1], -1)
-    if kernels_enabled():
-        out = kernels.gated_affine(flat, fn, need_var, params)
-    else:
-        means, variances = spatial_moments(flat)
-        scale, shift = fn(means, variances, *params)
-        out = torch.addcmul(shift.unsqueeze(2), flat, scale.unsqueeze(2))
-    return out.reshape(x.shape).to(x.dtype)
+def _running_mean_var(running: tuple[Tensor, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """μ_k = ⟨x⟩_k and σ²_k = max(⟨x²⟩_k − ⟨x⟩_k², 0) from the running estimates (Alg. 2)."""
+    mean = running[0].to(dtype)
+    return mean, (running[1].to(dtype) - mean * mean).clamp_min(0)
+
+
+def _plain_gated_affine(
+    flat: Tensor, fn: Callable[..., tuple], params: tuple[Tensor | None, ...]
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Plain autograd: ``x * scale + shift`` with ``(scale, shift, stats) = fn(m, v, *params)``
+    and m, v the spatial moments of ``flat`` (``(N, C)``: m = x, v = ``None``; or ``(N, C, L)``).
+    Returns the output (shaped like ``flat``) and ``stats``."""
+    if flat.dim() == 2:  # one position per (sample, channel): m = x, v = 0
+        scale, shift, stats = fn(flat, None, *params)
+        return torch.addcmul(shift, flat, scale), stats
+    means, variances = spatial_moments(flat)
+    scale, shift, stats = fn(means, variances, *params)
+    return torch.addcmul(shift.unsqueeze(2), flat, scale.unsqueeze(2)), stats
 
 
 def _stat_args(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
-    """``x`` and the parameters in the statistics dtype of ``x`` (float32 for half input)."""
+    """The parameters in the statistics dtype of ``x`` (float32 for half input)."""
     dt = stat_dtype(x)
-    return tuple(_cast(t, dt) for t in (x, *params))
+    return tuple(_cast(t, dt) for t in params)
 
 
 def mode_norm(
@@ -361,20 +348,23 @@ def mode_norm(
     running = None
     if running_mean is not None and running_sqmean is not None:
         running = (running_mean, running_sqmean)
-    fn = functools.partial(
-        _mode_norm_scale_shift, eps=eps, training=training, running=running, momentum=momentum
-    )
     params = (gate_weight, gate_bias, weight, bias)
     with _stats_context(x):
-        if not (training and x.dim() == 2 and kernels_enabled()):
-            return _gated_affine(x, fn, training, params)
-        args = _stat_args(x, *params)
-        center = batch_center(args[0])
-        replay = functools.partial(_mode_norm_scale_shift, eps=eps, training=True)
-        y, mean, var, nk = kernels.mode_norm_train_2d(*args, center, eps, MIN_MODE_WEIGHT, replay)
-        if running is not None:
-            _update_running(*running, mean, var, nk, momentum)
-        return _cast(y, x.dtype)
+        flat = _flat(x)
+        stats: tuple[Tensor, ...] = ()
+        eval_stats = None
+        if not training and running is not None:  # (eval without running estimates raised above)
+            eval_stats = _running_mean_var(running, flat.dtype)
+        if not kernels_enabled() or (not training and x.dim() == 2):  # plain autograd
+            fn = functools.partial(_mode_norm_scale_shift, eps=eps, running=eval_stats)
+            y, stats = _plain_gated_affine(flat, fn, params)
+        elif training:
+            y, *stats = kernels.mode_norm_train(flat, _stat_args(x, *params), eps, MIN_MODE_WEIGHT)
+        else:
+            y = kernels.mode_norm_eval(flat, _stat_args(x, *params), *eval_stats, eps)
+        if training and running is not None:
+            _update_running(*running, *stats, momentum)
+        return _cast(y.reshape(x.shape), x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,9 +420,9 @@ def _mgn_scale_shift(
     b: Tensor | None,
     eps: float,
     combine: Combine,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, tuple[()]]:
     """MGN's small function: channel gates, per-(sample, mode) statistics over the channels
-    (Alg. 3), then Eq. 5's per-(sample, channel) scale and shift."""
+    (Alg. 3), then Eq. 5's per-(sample, channel) scale and shift (and no statistics)."""
     gates = mode_group_gates(means, gw, gb)  # (N, K, C)
     center = means.detach().mean(1, keepdim=True)  # per-sample constant (conditioning only)
     mc = means - center
@@ -451,7 +441,7 @@ def _mgn_scale_shift(
     else:  # Σ_k g_ck s_k (x − μ_k)
         scale = (gates * inv.unsqueeze(2)).sum(1)  # (N, C)
         shift = -(gates * (mean * inv).unsqueeze(2)).sum(1)
-    return _affine(scale, shift, w, b)
+    return (*_affine(scale, shift, w, b), ())
 
 
 def mode_group_norm(
@@ -497,10 +487,13 @@ def mode_group_norm(
     fn = functools.partial(_mgn_scale_shift, eps=eps, combine=combine)
     params = (gate_weight, gate_bias, weight, bias)
     with _stats_context(x):
-        if not (x.dim() == 2 and kernels_enabled()):
-            return _gated_affine(x, fn, True, params)
-        y = kernels.mode_group_norm_2d(*_stat_args(x, *params), eps, MIN_MODE_WEIGHT, combine, fn)
-        return _cast(y, x.dtype)
+        flat = _flat(x)
+        if kernels_enabled():
+            ps = _stat_args(x, *params)
+            y = kernels.mode_group_norm(flat, ps, eps, MIN_MODE_WEIGHT, combine)
+        else:
+            y = _plain_gated_affine(flat, fn, params)[0]
+        return _cast(y.reshape(x.shape), x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +537,9 @@ class ModeNorm(nn.Module):
     backward (``create_graph=True``) is supported for ``(N, C)`` input only; the plain reference
     (``normlab.use_kernels(False)``) supports it for every input. One sample at a time works in
     eval mode; in training a batch of one sample normalizes that sample by its own statistics
-    (finite, but as degenerate as batch norm's).
+    (finite, but as degenerate as batch norm's). An empty batch gives an empty output and leaves
+    the running estimates as they were (under :func:`normlab.sync_stats` the process still joins
+    every reduction, and the estimates follow the other processes' samples).
 
     Shape:
         - Input: ``(N, C)`` or ``(N, C, *)``.

@@ -24,12 +24,16 @@ the layer is a 1 × 1 convolution (:meth:`IterNorm.fold`). ``group_size=1`` is b
 This module holds the layers and the plain-autograd functional that reads like the paper
 (``_whiten_reference``); :mod:`normlab.nn._kernels.whitening` holds hand-written backwards and
 fused paths that compute the same. ``normlab.use_kernels(False)`` runs the plain functional.
-Readings of the paper, deviations and measurements: ``docs/methods/iternorm.md``.
+Both paths compile to one graph (``torch.compile(fullgraph=True)``, forward and backward, running
+buffers updated inside it), take an empty batch as torch's BatchNorm does (empty output, buffers
+untouched; under ``sync_stats`` an empty share still joins every reduction) and export to ONNX
+in eval mode. Readings of the paper, deviations and measurements: ``docs/methods/iternorm.md``.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -180,7 +184,7 @@ def newton_inverse_sqrt(a: Tensor, iters: int, max_abs: Tensor | None = None) ->
     if max_abs is not None:
         z = _newton_schulz(a3, iters, max_abs.reshape(-1, 1, 1).to(a.dtype))
     elif kernels_enabled():
-        z = kernels.newton_schulz(a3, iters, _newton_schulz)
+        z = kernels.newton_schulz(a3, iters)
     else:
         z = _newton_schulz(a3, iters)
     return z.reshape(*batch, d, d)
@@ -274,11 +278,12 @@ def zca_whitening_matrix(
     return (w, lam) if return_eigenvalues else w
 
 
-def _check_condition(lam: Tensor, finite: Tensor, max_condition: float, first: int) -> None:
+def _check_condition(
+    lo: Tensor, hi: Tensor, finite: Tensor, max_condition: float, first: int
+) -> None:
     """Explicit check (one host synchronisation) of each group's covariance: finite, and condition
-    number λ_max / λ_min <= ``max_condition``; groups are numbered from ``first``."""
-    lo, hi = lam[..., 0], lam[..., -1]
-    cond = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(lam.dtype).tiny), torch.inf)
+    number λ_max / λ_min <= ``max_condition`` (``hi / lo``); groups are numbered from ``first``."""
+    cond = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(lo.dtype).tiny), torch.inf)
     bad = ~finite | ~(cond <= max_condition)
     if bool(bad.any()):
         if not bool(finite.all()):
@@ -296,15 +301,28 @@ def _check_condition(lam: Tensor, finite: Tensor, max_condition: float, first: i
         )
 
 
-def _dbn_matrix(sigma: Tensor, eps: float, max_condition: float | None, first: int = 0) -> Tensor:
+def _dbn_matrix(
+    sigma: Tensor, eps: float, max_condition: float | None, first: int = 0, last: int = 0
+) -> Tensor:
     """DBN's W = ZCA(Σ) for (g, k, k) blocks, eigenvalues clamped at ε; a non-finite block gets
-    W = I (LAPACK is never handed inf/NaN; such a group's output is non-finite anyway)."""
+    W = I (LAPACK is never handed inf/NaN; such a group's output is non-finite anyway).
+
+    ``last > 0``: the final block is a smaller group of ``last`` channels padded with the identity
+    (the kernels' batched layout); ``max_condition`` then reads that group's extreme eigenvalues
+    from its real ``last × last`` block (one more ``eigvalsh``), not from the padded one, whose
+    padding adds eigenvalues equal to 1."""
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
     finite = torch.isfinite(sigma.abs().amax((-2, -1)))  # (amax propagates NaN)
     sigma = torch.where(finite[:, None, None], sigma, eye)
     wm, lam = zca_whitening_matrix(sigma, eps, return_eigenvalues=True)
     if max_condition is not None:
-        _check_condition(lam, finite, max_condition, first)
+        lo, hi = lam[..., 0], lam[..., -1]
+        if last:
+            real = sigma[-1, :last, :last].to(torch.float64)
+            lam_last = torch.linalg.eigvalsh(0.5 * (real + real.mT)).to(lam.dtype)
+            lo = torch.cat([lo[:-1], lam_last[:1]])
+            hi = torch.cat([hi[:-1], lam_last[-1:]])
+        _check_condition(lo, hi, finite, max_condition, first)
     return wm
 
 
@@ -320,28 +338,24 @@ def _whiten_reference(
     and the smaller last one), by plain autograd (the backward is Eq. 6–7 / Alg. 2). The sums
     come from :func:`normlab.nn.stats.covariance_sums`, so :func:`normlab.sync_stats` applies."""
     eps, weight, bias, running_mean, running_wm, training, momentum = args
-    n = x.shape[0]
+    n, length = x.shape[0], math.prod(x.shape[2:])
     outs = []
     for start, g0, groups, size in layout.parts():
         stop = start + groups * size
         xp = x[:, start:stop]
         if training:
-            count, s1, outer = covariance_sums(xp, size)
-            mu = s1 / count  # (groups, size): Alg. 1, line 4
-            eye = torch.eye(size, dtype=outer.dtype, device=outer.device)
-            sigma = outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye  # line 6
+            empty = xp.numel() == 0  # no positions: the (0, width) view, whose sums are zero
+            sums = covariance_sums(xp.reshape(0, stop - start) if empty else xp, size)
+            mu, sigma, valid = kernels.moments(sums, eps, empty)  # Alg. 1, lines 4 and 6
             wm = matrix(sigma, g0)  # lines 7–12 (Eq. 3–5), or Eq. 2
-            if running_mean is not None and running_wm is not None:
-                with torch.no_grad():  # Eq. 8
-                    mean = mu.detach().reshape(-1).to(running_mean.dtype)
-                    running_mean[start:stop].lerp_(mean, momentum)
-                    blocks = running_wm[g0 : g0 + groups, :size, :size]
-                    blocks.lerp_(wm.detach().to(running_wm.dtype), momentum)
+            blocks = None if running_wm is None else running_wm[g0 : g0 + groups, :size, :size]
+            means = None if running_mean is None else running_mean[start:stop]
+            kernels.update_running(means, blocks, mu.reshape(-1), wm, momentum, valid)  # Eq. 8
         else:
             assert running_mean is not None and running_wm is not None
             mu = running_mean[start:stop].to(x.dtype).reshape(groups, size)
             wm = running_wm[g0 : g0 + groups, :size, :size].to(x.dtype)
-        xc = xp.reshape(n, groups, size, -1) - mu.unsqueeze(-1)  # line 5
+        xc = xp.reshape(n, groups, size, length) - mu.unsqueeze(-1)  # line 5
         x_hat = torch.einsum("gij,ngjl->ngil", wm, xc)  # line 13
         outs.append(x_hat.reshape(xp.shape))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
@@ -400,7 +414,7 @@ def _dbn_matrices(layout: GroupLayout, eps: float, max_condition: float | None) 
     return _Matrices(
         lambda sigma, first: _dbn_matrix(sigma, eps, max_condition, first),
         lambda sigma: kernels.padded_blocks(
-            sigma, layout, lambda s: _dbn_matrix(s, eps, max_condition)
+            sigma, layout, lambda s: _dbn_matrix(s, eps, max_condition, last=layout.last)
         ),
     )
 
@@ -732,9 +746,10 @@ class DBN(_Whitening):
     Args:
         num_features, group_size, eps, momentum, affine, stat_dtype: as :class:`IterNorm`
             (``group_size`` defaults to 16).
-        max_condition: if set, every training forward checks (one host synchronisation) that each
-            group's covariance is finite with condition number λ_max/λ_min <= ``max_condition``
-            and raises ``ValueError`` otherwise. ``None`` (default): no check.
+        max_condition: if set, every training forward checks (one host synchronisation, so a
+            graph break under ``torch.compile``) that each group's covariance is finite with
+            condition number λ_max/λ_min <= ``max_condition`` and raises ``ValueError``
+            otherwise. ``None`` (default): no check.
 
     Shape:
         ``(N, C)`` or ``(N, C, *)`` -> same shape and dtype.

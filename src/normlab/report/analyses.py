@@ -5,8 +5,9 @@ claim rows, figure paths)``: it reads the runs' ``result.json`` (and ``params.js
 loaded suite, aggregates over seeds, draws the tables and figures, checks the experiment's claims
 and adds its numbers to ``results`` (written to ``results.json``):
 
-* ``snd_conditioning`` — per sweep a table of the condition number and SND (mean ± std) of every
-  variant and one figure per metric (Huang et al., Fig. 4–5);
+* ``snd_conditioning`` — per sweep a table of the condition number, SND and relative SND
+  (mean ± std) of every variant — rows per x, or per variant for a sweep with ``layout =
+  "variants"`` (many layers) — and one figure per metric (Huang et al., Fig. 4–5);
 * ``cost`` — it/s and the ratio to BN beside the paper's (Kalayeh & Shah, Table 7), a bar chart;
 * ``gan`` — the lowest FID beside the paper's, the loss / FID curves and sample grids
   (Kalayeh & Shah, Fig. 6–7).
@@ -42,11 +43,18 @@ Section = Callable[
 
 
 # ----------------------------------------------------------------------------------------------
-# Huang et al., Fig. 4-5: SND and conditioning
+# Huang et al., Fig. 4-5: SND and conditioning (of any layer)
+
+#: the metrics of the ``snd_conditioning`` runner and their names in tables and figures
+_SND_METRICS = {
+    "cond": "condition number",
+    "snd": "SND",
+    "rel_snd": "relative SND (% of the output's std)",
+}
 
 
 def _snd_tables(data: SuiteData) -> dict[str, dict[str, dict[str, Any]]]:
-    """sweep -> variant label -> {x, snd, cond (means over seeds)}."""
+    """sweep -> variant label -> {x, and per metric its means over seeds and stds}."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for v in data.variants:
         per_seed = [r.result.get("sweeps", {}) for r in data.runs[v.name] if r.result]
@@ -55,7 +63,7 @@ def _snd_tables(data: SuiteData) -> dict[str, dict[str, dict[str, Any]]]:
         for sname in per_seed[0]:
             recs = [p[sname] for p in per_seed if sname in p]
             agg: dict[str, Any] = {"x": recs[0]["x"]}
-            for m in ("snd", "cond"):
+            for m in _SND_METRICS:
                 if m in recs[0]:
                     cols = list(zip(*(r[m] for r in recs), strict=True))
                     agg[m] = [
@@ -70,6 +78,46 @@ def _snd_tables(data: SuiteData) -> dict[str, dict[str, dict[str, Any]]]:
                     ]
             out.setdefault(sname, {})[v.label] = agg
     return out
+
+
+def _cell(rec: dict[str, Any], m: str, i: int) -> str:
+    """``mean ± std`` of metric ``m`` at point ``i`` (relative SND in per cent)."""
+    v, sd = rec[m][i], rec[f"{m}_std"][i]
+    if not math.isfinite(v):
+        return "inf"
+    scale = 100.0 if m == "rel_snd" else 1.0
+    return f"{scale * v:.4g} ± {scale * sd:.2g}"
+
+
+def _rows_by_x(s: dict[str, Any], by_label: dict[str, dict[str, Any]], metrics: list[str]) -> str:
+    """One row per x, one column per variant and metric (Huang et al.'s figures as a table)."""
+    labels = list(by_label)
+    header = [s.get("x", "x")]
+    for m in metrics:
+        header += [f"{lab} {_SND_METRICS[m]}" for lab in labels if m in by_label[lab]]
+    rows = []
+    for i, x in enumerate(by_label[labels[0]]["x"]):
+        row = [x]
+        for m in metrics:
+            row += [_cell(by_label[lab], m, i) for lab in labels if m in by_label[lab]]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _rows_by_variant(
+    data: SuiteData, s: dict[str, Any], by_label: dict[str, dict[str, Any]], m: str
+) -> str:
+    """One row per variant (with its setting), one column per x: for many layers at once."""
+    settings = {v.label: v.setting for v in data.variants}
+    labels = [lab for lab in by_label if m in by_label[lab]]
+    xs = by_label[labels[0]]["x"]
+    name = "B" if s.get("x") == "batch_size" else "d"
+    header = ["layer", "setting", *(f"{name} = {x}" for x in xs)]
+    rows = [
+        [lab, settings.get(lab, ""), *(_cell(by_label[lab], m, i) for i in range(len(xs)))]
+        for lab in labels
+    ]
+    return markdown_table(header, rows)
 
 
 def _snd_report(
@@ -92,15 +140,15 @@ def _snd_report(
     n_seeds = data.suite.get("seeds")
     lines += [
         f"Mean ± std (SND: over the sampled examples{'' if n_seeds == 1 else ' and seeds'}; "
-        "condition number: over the mini-batches). The paper gives these as figures only — its "
-        "numbers cannot be read from the text; the claims below are the paper's statements.",
+        "condition number: over the mini-batches). Relative SND is SND / (σ_out·√D), σ_out "
+        "the output's std and D its elements per sample, in per cent. No numbers can be read "
+        "from the papers' SND figures; the claims below are checked on ours.",
         "",
     ]
     for sname, by_label in tables.items():
         s = sweeps.get(sname, {"x": "x"})
         labels = list(by_label)
-        metrics = [m for m in ("cond", "snd") if any(m in by_label[lab] for lab in labels)]
-        xs = by_label[labels[0]]["x"]
+        metrics = [m for m in _SND_METRICS if any(m in by_label[lab] for lab in labels)]
         fixed = (
             f"batch size {s.get('batch_size')}"
             if s.get("x") == "dim"
@@ -109,39 +157,37 @@ def _snd_report(
         lines += [f"### {s.get('title', sname)} ({s.get('x')} sweep, {fixed})", ""]
         if s.get("note"):
             lines += [str(s["note"]), ""]
-        header = [s.get("x", "x")]
-        for m in metrics:
-            header += [
-                f"{lab} {'condition number' if m == 'cond' else 'SND'}"
-                for lab in labels
-                if m in by_label[lab]
-            ]
-        rows = []
-        for i, x in enumerate(xs):
-            row = [x]
+        by_variant = s.get("layout") == "variants"
+        if by_variant:
             for m in metrics:
-                for lab in labels:
-                    if m in by_label[lab]:
-                        v = by_label[lab][m][i]
-                        sd = by_label[lab][f"{m}_std"][i]
-                        row.append(f"{v:.4g} ± {sd:.2g}" if math.isfinite(v) else "inf")
-            rows.append(row)
-        lines += [markdown_table(header, rows), ""]
+                lines += [f"**{_SND_METRICS[m]}**", "", _rows_by_variant(data, s, by_label, m), ""]
+        else:
+            lines += [_rows_by_x(s, by_label, metrics), ""]
+        zero = [lab for lab in labels if all(y == 0 for y in by_label[lab].get("snd", [1.0]))]
         for m in metrics:
+            logy = m == "cond" or by_variant  # many layers: orders of magnitude apart
+            scale = 100.0 if m == "rel_snd" else 1.0
             curves = {
-                lab: (by_label[lab]["x"], by_label[lab][m]) for lab in labels if m in by_label[lab]
+                lab: (by_label[lab]["x"], [scale * y for y in by_label[lab][m]])
+                for lab in labels
+                if m in by_label[lab] and not (logy and lab in zero)
             }
-            fname = f"{sname}_{m}.png"
-            paths.append(
-                plot_snd(
-                    curves,
-                    out_dir / fname,
-                    xlabel="dimension" if s.get("x") == "dim" else "batch size",
-                    ylabel="condition number" if m == "cond" else "SND",
-                    logx=True,
-                    logy=(m == "cond"),
+            if curves:
+                paths.append(
+                    plot_snd(
+                        curves,
+                        out_dir / f"{sname}_{m}.png",
+                        xlabel="dimension" if s.get("x") == "dim" else "batch size",
+                        ylabel=_SND_METRICS[m],
+                        logx=True,
+                        logy=logy,
+                    )
                 )
-            )
+        if by_variant and zero:
+            lines += [
+                f"SND exactly 0 at every point (left out of the figures): {', '.join(zero)}.",
+                "",
+            ]
 
     def lookup(claim: dict[str, Any], side: Any) -> list[tuple[Any, float | None]]:
         sname = claim.get("sweep")

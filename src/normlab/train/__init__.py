@@ -10,11 +10,12 @@
 Pieces: :mod:`~normlab.train.config` (nested dataclasses from TOML + dotted overrides),
 :mod:`~normlab.train.optim` (optimizers, schedules), :mod:`~normlab.train.build` (the model and
 what its layers add to the loop: auxiliary losses, step hooks), :mod:`~normlab.train.loop` (the
-loop), :mod:`~normlab.train.rundir` (the run directory and resume),
-:mod:`~normlab.train.checkpoint` (atomic, checksummed, ``weights_only``-safe checkpoints and RNG
-states), :mod:`~normlab.train.ddp` (the multi-process context) with
-:mod:`~normlab.train.distributed` (joining a ``torchrun`` job), and
-:mod:`~normlab.train.quickstart` (the ``normlab quickstart`` comparison).
+loop), :mod:`~normlab.train.stream` (streamed datasets: ImageNet's DataLoaders in the loop),
+:mod:`~normlab.train.rundir` (the run directory and resume), :mod:`~normlab.train.checkpoint`
+(atomic, checksummed, ``weights_only``-safe checkpoints and RNG states),
+:mod:`~normlab.train.tblog` (TensorBoard event files, ``run.tensorboard``) and
+:mod:`~normlab.train.ddp` (the multi-process context) with :mod:`~normlab.train.distributed`
+(joining a ``torchrun`` job).
 """
 
 from normlab.train.build import (
@@ -62,6 +63,8 @@ from normlab.train.loop import (
 )
 from normlab.train.optim import LRSchedule, build_optimizer, param_groups
 from normlab.train.rundir import RESUME_MUTABLE_KEYS, RunDir
+from normlab.train.stream import StreamedData, open_streamed
+from normlab.train.tblog import TensorBoardLog
 
 __all__ = [
     "RESUME_MUTABLE_KEYS",
@@ -80,6 +83,8 @@ __all__ = [
     "RunDir",
     "RunResult",
     "ScheduleConfig",
+    "StreamedData",
+    "TensorBoardLog",
     "TrainConfig",
     "Trainer",
     "Wiring",
@@ -96,6 +101,7 @@ __all__ = [
     "environment",
     "load_checkpoint",
     "load_config",
+    "open_streamed",
     "param_groups",
     "parse_override",
     "progress_enabled",

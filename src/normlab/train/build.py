@@ -10,14 +10,17 @@ from the loop. A rule is a function ``rule(model, config) -> Wiring | None`` reg
   micro-batch (after its forward) and logged in ``metrics.jsonl`` under ``name`` (the mean per
   optimizer step);
 * ``step_hooks``: ``hook(step, lr)`` run at the start of every optimizer step, before its
-  forwards, with the step's 0-based index and the learning rate the schedule set for it;
+  forwards, with the step's 0-based index (the steps taken so far) and the learning rate the
+  schedule set for it;
+* ``after_step``: ``hook(steps_done, lr)`` run after every optimizer update, with the number
+  of steps now taken (before the step's evaluation, checkpoint and callbacks);
 * ``on_end``: functions run once training has finished.
 
-The two rules here: the standardization loss (Collins et al., Eq. 2; ``model.std_loss_weight``)
-is an auxiliary loss, and BCN's micro-batch rate follows the learning rate (Qiao et al.,
-Sec. 7.2.2: r = the learning rate) through a step hook. A layer whose state follows the step
-(e.g. Batch Renormalization's r_max/d_max ramps) registers a rule returning a step hook, and
-the loop stays as it is.
+The rules here: the standardization loss (Collins et al., Eq. 2; ``model.std_loss_weight``)
+is an auxiliary loss; BCN's micro-batch rate follows the learning rate (Qiao et al.,
+Sec. 7.2.2: r = the learning rate) through a step hook; Batch Renormalization's r_max/d_max
+ramps (Ioffe's schedule) follow the step count through :func:`normlab.set_brn_step`. A new
+layer that needs the loop registers a rule of its own, and the loop stays as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 from normlab.convert import convert
 from normlab.models import create
 from normlab.nn.batch_channel import BCNorm, set_bcn_rate
+from normlab.nn.renorm import BatchRenorm, set_brn_step
 from normlab.nn.std_loss import StandardizationLoss
 from normlab.nn.sync import sync_stats
 from normlab.train.config import Config, ConfigError, ModelConfig
@@ -58,6 +62,7 @@ class Wiring:
 
     aux_losses: dict[str, AuxLoss] = field(default_factory=dict)
     step_hooks: list[StepHook] = field(default_factory=list)
+    after_step: list[StepHook] = field(default_factory=list)
     on_end: list[Callable[[], None]] = field(default_factory=list)
 
     def extend(self, other: Wiring) -> None:
@@ -67,6 +72,7 @@ class Wiring:
             raise ValueError(f"two wiring rules add an auxiliary loss named {clash[0]!r}")
         self.aux_losses.update(other.aux_losses)
         self.step_hooks.extend(other.step_hooks)
+        self.after_step.extend(other.after_step)
         self.on_end.extend(other.on_end)
 
 
@@ -79,14 +85,14 @@ def register_wiring(rule: WiringRule) -> WiringRule:
     """Register ``rule`` (usable as a decorator); rules run in registration order, each on
     every model :func:`build_training_model` builds.
 
-    Example (a layer whose limits ramp with the step)::
+    Example (a layer whose state follows the learning rate)::
 
         @register_wiring
-        def _renorm_ramps(model, config):
-            layers = [m for m in model.modules() if isinstance(m, BatchRenorm2d)]
+        def _my_layer_rate(model, config):
+            layers = [m for m in model.modules() if isinstance(m, MyLayer)]
             if not layers:
                 return None
-            return Wiring(step_hooks=[lambda step, lr: set_renorm_limits(layers, step)])
+            return Wiring(step_hooks=[lambda step, lr: [m.set_rate(lr) for m in layers]])
     """
     if not callable(rule):
         raise TypeError(f"register_wiring: rule must be callable, got {rule!r}")
@@ -192,3 +198,17 @@ def _bcn_rate(model: nn.Module, config: Config) -> Wiring | None:
     if not any(isinstance(m, BCNorm) for m in model.modules()):
         return None
     return Wiring(step_hooks=[lambda step, lr: set_bcn_rate(model, lr)])
+
+
+@register_wiring
+def _brn_ramps(model: nn.Module, config: Config) -> Wiring | None:
+    """Ioffe's r_max/d_max ramps: every ``brn`` layer's step is the number of optimizer steps
+    taken, before each step's forwards and after its update (so checkpoints and the trained
+    model hold the steps done); the step is a buffer, so a checkpoint carries it."""
+    if not any(isinstance(m, BatchRenorm) for m in model.modules()):
+        return None
+
+    def follow(step: int, lr: float) -> None:
+        set_brn_step(model, step)
+
+    return Wiring(step_hooks=[follow], after_step=[follow])

@@ -36,6 +36,8 @@ from normlab.models._blocks import parse_conv
 from normlab.nn.registry import available_norms, parse_spec
 
 __all__ = [
+    "IMAGENET_KWARGS",
+    "STREAMED_DATASETS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -49,6 +51,7 @@ __all__ = [
     "config_to_dict",
     "diff_configs",
     "dump_toml",
+    "is_streamed",
     "load_config",
     "parse_override",
 ]
@@ -56,6 +59,17 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the dotted key."""
+
+
+#: Datasets streamed from files by DataLoaders instead of held as tensors (``data.name``).
+STREAMED_DATASETS = ("imagenet",)
+#: The ``data.kwargs`` a streamed ImageNet accepts (the others are set from the config).
+IMAGENET_KWARGS = ("size", "resize", "pin_memory", "normalize")
+
+
+def is_streamed(name: str) -> bool:
+    """Whether dataset ``name`` streams from files (:data:`STREAMED_DATASETS`)."""
+    return name.lower() in STREAMED_DATASETS
 
 
 def _meta(help: str, **kw: Any) -> dict[str, Any]:
@@ -79,15 +93,32 @@ class DataConfig:
         default=0,
         metadata=_meta("seed of the train/test split where a dataset has no official one", ge=0),
     )
+    workers: int = field(
+        default=4,
+        metadata=_meta(
+            "streamed datasets (imagenet): DataLoader worker processes decoding the images per "
+            "process (0 = in the main process)",
+            ge=0,
+        ),
+    )
     augment: bool = field(
-        default=False, metadata=_meta("random pad-and-crop + horizontal flip on training batches")
+        default=False,
+        metadata=_meta(
+            "random pad-and-crop + horizontal flip on training batches (in-memory datasets; "
+            "imagenet augments while decoding)"
+        ),
     )
     pad: int = field(
         default=4, metadata=_meta("augmentation: padding of the random crop (0 = no crop)", ge=0)
     )
     flip: bool = field(default=True, metadata=_meta("augmentation: random horizontal flips"))
     kwargs: dict = field(
-        default_factory=lambda: {}, metadata=_meta("extra keyword arguments for the dataset loader")
+        default_factory=lambda: {},
+        metadata=_meta(
+            "extra keyword arguments for the dataset loader (imagenet: "
+            + ", ".join(IMAGENET_KWARGS)
+            + ")"
+        ),
     )
 
 
@@ -311,6 +342,13 @@ class RunConfig:
             choices=("auto", "nccl", "gloo"),
         ),
     )
+    tensorboard: bool = field(
+        default=False,
+        metadata=_meta(
+            "also write TensorBoard event files into the run directory (needs the optional "
+            "tensorboard package: pip install 'normlab[tensorboard]')"
+        ),
+    )
 
 
 _SECTIONS: dict[str, type] = {
@@ -450,12 +488,29 @@ def _check_conv(spec: str | dict, key: str) -> None:
         raise ConfigError(f"{key}: {msg.removeprefix('conv: ')}") from None
 
 
+def _check_streamed(d: DataConfig) -> None:
+    if d.download:
+        raise ConfigError(
+            f"data.download: {d.name!r} cannot be downloaded by normlab (ImageNet needs an "
+            "image-net.org account); put its train/ and val/ folders under data.root"
+        )
+    for k in d.kwargs:
+        if k not in IMAGENET_KWARGS:
+            raise ConfigError(
+                f"data.kwargs.{k}: not an option of {d.name!r} (valid: "
+                f"{', '.join(IMAGENET_KWARGS)}; batch sizes, workers, seed and sharding come from "
+                "the config)"
+            )
+
+
 def _cross_checks(c: Config) -> None:
-    datasets = available_datasets()
+    datasets = [*available_datasets(), *STREAMED_DATASETS]
     if c.data.name.lower() not in datasets:
         raise ConfigError(
             f"data.name: unknown dataset {c.data.name!r}; valid names: {', '.join(datasets)}"
         )
+    if is_streamed(c.data.name):
+        _check_streamed(c.data)
     models = list(available_models())
     if c.model.name not in models:
         raise ConfigError(

@@ -1,13 +1,15 @@
 """The training loop shared by every experiment.
 
-Data live on the training device as tensors; each epoch's order is a permutation drawn from a
-seeded ``torch.Generator`` (the same generator drives augmentation), so no DataLoader is needed.
-A step is one optimizer update: ``train.accum_steps`` micro-batches of ``train.batch_size`` whose
-gradients are averaged (Qiao et al., Sec. 8.1.3 "iteration size"). Every step:
+In-memory datasets live on the training device as tensors; each epoch's order is a permutation
+drawn from a seeded ``torch.Generator`` (the same generator drives augmentation), so no
+DataLoader is needed. A streamed dataset (ImageNet) comes from DataLoaders instead
+(:mod:`normlab.train.stream`). A step is one optimizer update: ``train.accum_steps``
+micro-batches of ``train.batch_size`` whose gradients are averaged (Qiao et al., Sec. 8.1.3
+"iteration size"). Every step:
 
 1. the learning rate is set from the schedule and the model's step hooks run;
 2. each micro-batch: forward, cross-entropy plus the model's auxiliary losses, backward;
-3. gradient clipping (``optim.grad_clip``), optimizer step;
+3. gradient clipping (``optim.grad_clip``), optimizer step, the after-step hooks;
 4. at epoch ends, every ``train.eval_every_steps`` and at the last step: evaluation, one record
    in ``metrics.jsonl``; at epoch ends, every ``run.checkpoint_every_steps`` and at the last
    step: a checkpoint; then the callbacks.
@@ -15,12 +17,14 @@ gradients are averaged (Qiao et al., Sec. 8.1.3 "iteration size"). Every step:
 Which layers need hooks or auxiliary losses is the model builder's business
 (:mod:`normlab.train.build`); the files are the run directory's (:mod:`normlab.train.rundir`).
 A ``metrics.jsonl`` record holds step, epoch, lr, train_loss, train_acc, one entry per
-auxiliary loss (``std_loss``), test_loss, test_acc, time (wall seconds) and train_time.
+auxiliary loss (``std_loss``), test_loss, test_acc, time (wall seconds) and train_time;
+``run.tensorboard`` copies it into TensorBoard event files (:mod:`normlab.train.tblog`).
 
 Resuming restores the model, optimizer (learning rates included), AMP scaler, the step/epoch
-counters and the position within the epoch, the epoch's permutation, the running train sums
-and the torch / CUDA / Python / numpy / data-generator RNG states, so on the CPU a killed and
-resumed run produces exactly the metrics of an uninterrupted one.
+counters and the position within the epoch, the epoch's permutation (or the streamed
+loader's position), the running train sums and the torch / CUDA / Python / numpy /
+data-generator RNG states, so on the CPU a killed and resumed run produces exactly the metrics
+of an uninterrupted one.
 
 Multi-process training (``torchrun --nproc_per_node=N normlab train cfg.toml``; the collectives
 are :mod:`normlab.train.ddp`'s): ``train.batch_size`` is the *global* batch. Every process draws
@@ -42,7 +46,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.data import augment, load_dataset
+from normlab.data import ImageNetData, augment, load_dataset
 from normlab.train.build import build_model, build_training_model
 from normlab.train.checkpoint import capture_rng, restore_rng
-from normlab.train.config import Config, ConfigError, config_to_dict
+from normlab.train.config import Config, ConfigError, config_to_dict, is_streamed
 from normlab.train.ddp import DDPContext, TrainSums, process_device, select_device
 from normlab.train.optim import LRSchedule, build_optimizer
 from normlab.train.progress import Progress, epoch_line, progress_enabled
@@ -67,6 +71,8 @@ from normlab.train.rundir import (
     environment,
     read_metrics,
 )
+from normlab.train.stream import StreamedData, open_streamed
+from normlab.train.tblog import TensorBoardLog
 
 __all__ = [
     "RESUME_MUTABLE_KEYS",
@@ -153,19 +159,33 @@ class Trainer:
         ckpt = self.dist.on_main(lambda: self._open_run_dir(resume, overwrite))
         _seed_everything(c.run.seed)
         self.data = self._load_data(data)
-        built = build_training_model(c, self.data.num_classes, self.data.in_channels, self.device)
+        self.stream: StreamedData | None = None  # a streamed dataset's loaders
+        if isinstance(self.data, ImageNetData):
+            self.stream = StreamedData(self.data, self.device, self.dist.world_size)
+        shape = self.data if self.stream is None else self.stream
+        built = build_training_model(c, shape.num_classes, shape.in_channels, self.device)
         self.model, self.wiring = built.model, built.wiring
         self.optimizer = build_optimizer(self.model, c.optim)
 
-        n, bs, world = int(self.data.train_y.shape[0]), c.train.batch_size, self.dist.world_size
+        bs, world = c.train.batch_size, self.dist.world_size
         if bs < world:
             raise ConfigError(
                 f"train.batch_size: the global batch of {bs} samples cannot be shared by {world} "
                 "processes (at least one sample each)"
             )
-        # a final partial batch smaller than the number of processes is dropped (1 process: none)
-        tail = n % bs
-        n_micro = n // bs if (c.train.drop_last or tail < world) else math.ceil(n / bs)
+        if self.stream is not None:
+            n, n_micro = self.stream.n_train, self.stream.micro_per_epoch
+            if self.stream.local_batch * world != bs:
+                raise ConfigError(
+                    f"train.batch_size: {bs}, but the given loaders load "
+                    f"{self.stream.local_batch} samples per process on {world} processes"
+                )
+        else:
+            n = int(self.data.train_y.shape[0])
+            # a final partial batch smaller than the number of processes is dropped (1 process:
+            # none)
+            tail = n % bs
+            n_micro = n // bs if (c.train.drop_last or tail < world) else math.ceil(n / bs)
         if n_micro == 0:
             raise ConfigError(
                 f"train.batch_size: {bs} is larger than the training set ({n} samples) with "
@@ -197,6 +217,14 @@ class Trainer:
         self.sums = TrainSums(self.device, list(self.wiring.aux_losses))
         if ckpt is not None:
             self._restore(ckpt)
+        self.tensorboard: TensorBoardLog | None = None
+        if c.run.tensorboard and self.files is not None and self.dist.is_main:
+            self.tensorboard = TensorBoardLog(
+                self.files.path,
+                list(self.wiring.aux_losses),
+                resumed_at=self.step if ckpt is not None else None,
+                previous=self.history[-1] if self.history else None,
+            )
 
     def _open_run_dir(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
         if self.files is None:
@@ -208,6 +236,10 @@ class Trainer:
 
     def _load_data(self, data: Any) -> Any:
         c = self.config.data
+        if isinstance(data, ImageNetData):
+            return data
+        if data is None and is_streamed(c.name):
+            return open_streamed(self.config, self.dist.rank, self.dist.world_size, self.device)
 
         def load() -> Any:
             try:
@@ -225,8 +257,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (see :mod:`normlab.train.rundir`)."""
-        return {
+        """Everything a resumed run needs (see :mod:`normlab.train.rundir`); a streamed
+        dataset's loader position is under ``"data"``."""
+        state = {
             "format": STATE_FORMAT,
             "config": config_to_dict(self.config),
             "model": self.model.state_dict(),
@@ -249,6 +282,9 @@ class Trainer:
             "sums": self.sums.state(),
             "rng": capture_rng(self.data_gen),
         }
+        if self.stream is not None:
+            state["data"] = self.stream.state_dict()
+        return state
 
     def _restore(self, ck: dict[str, Any]) -> None:
         self.model.load_state_dict(ck["model"])
@@ -262,6 +298,8 @@ class Trainer:
         self.perm = ck["perm"]
         self.sums.load(ck["sums"], k["seen"], k["steps_since_eval"], keep=self.dist.is_main)
         restore_rng(ck["rng"], self.data_gen)
+        if self.stream is not None:
+            self.stream.load_state_dict(ck.get("data"))
         self.history = ck["records"]  # metrics.jsonl: exactly the records the checkpoint had seen
         if self.files is not None:
             self.files.write_metrics(self.history)
@@ -285,28 +323,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, x: Tensor | None = None, y: Tensor | None = None) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on ``(x, y)`` (default: the test split) in eval mode.
+        """Mean cross-entropy and accuracy on ``(x, y)`` (default: the test split, or a streamed
+        dataset's validation images) in eval mode.
 
-        In a multi-process run every process must call it: each evaluates its contiguous shard
-        with rank 0's buffers and the sums are all-reduced."""
-        x = self.data.test_x if x is None else x
-        y = self.data.test_y if y is None else y
-        n = max(int(x.shape[0]), 1)
-        x, y = self.dist.shard(x), self.dist.shard(y)
+        In a multi-process run every process must call it: each evaluates its shard (a streamed
+        dataset: its share of the validation images) with rank 0's buffers and the sums are
+        all-reduced."""
+        if self.stream is not None and x is None and y is None:
+            n, batches = max(self.stream.n_val, 1), self.stream.validation()
+        else:
+            if self.stream is not None and (x is None or y is None):
+                raise ValueError("evaluate: give both x and y, or neither (the validation images)")
+            x = self.data.test_x if x is None else x
+            y = self.data.test_y if y is None else y
+            n = max(int(x.shape[0]), 1)
+            x, y = self.dist.shard(x), self.dist.shard(y)
+            bs = self.config.train.eval_batch_size
+            batches = ((x[i : i + bs], y[i : i + bs]) for i in range(0, x.shape[0], bs))
         self.dist.sync_buffers(self.model)
         was_training = self.model.training
         self.model.eval()
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        bs = self.config.train.eval_batch_size
         try:
-            for i in range(0, x.shape[0], bs):
-                xb, yb = x[i : i + bs], y[i : i + bs]
+            for xb, yb in batches:
                 with self._autocast():
                     out = self.eval_model(xb)
                 loss += F.cross_entropy(out.float(), yb, reduction="sum")
                 correct += (out.argmax(1) == yb).sum()
         finally:
+            batches.close()
             self.model.train(was_training)
         total_loss, total_correct = self.dist.all_sum(
             torch.stack([loss.double(), correct.double()])
@@ -338,36 +384,69 @@ class Trainer:
         self.history.append(rec)
         if self.files is not None:
             self.files.append_metrics(rec)
+        if self.tensorboard is not None:
+            self.tensorboard.write(rec)
         self.sums.reset()
         self._t_seg = time.perf_counter()
         return rec
 
     # ------------------------------------------------------------------ training
 
-    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """This process's share of the global micro-batch ``idx`` (augmented when configured)."""
-        c, d = self.config.data, self.data
+    def _batch(self, item: Any) -> tuple[Tensor, Tensor, int]:
+        """This process's share of a global micro-batch (augmented when configured) and the
+        global micro-batch's size. ``item``: the global batch's indices into the in-memory
+        training split, or this process's ``(x, y)`` of a streamed dataset."""
+        if self.stream is not None:
+            x, y = item
+            return x, y, self.stream.global_size(y)
+        c, d, idx = self.config.data, self.data, item
         if c.augment:  # augment the global batch (shared generator), keep the share
             x = augment(d.train_x[idx], pad=c.pad, flip=c.flip, generator=self.data_gen)
-            return self.dist.shard(x), self.dist.shard(d.train_y[idx])
+            return self.dist.shard(x), self.dist.shard(d.train_y[idx]), int(idx.shape[0])
         local = self.dist.shard(idx)
-        return d.train_x[local], d.train_y[local]
+        return d.train_x[local], d.train_y[local], int(idx.shape[0])
 
-    def _train_step(self, group: list[Tensor]) -> None:
+    def _epoch_groups(self) -> Iterator[list[Any]]:
+        """The rest of the current epoch from step ``pos`` on: one list of micro-batches (see
+        :meth:`_batch`) per optimizer step."""
+        bs, accum = self.config.train.batch_size, self.config.train.accum_steps
+        if self.stream is not None:
+            return self._streamed_groups(accum)
+        if self.perm is None:  # a new epoch
+            self.perm = torch.randperm(self.n_train, generator=self.data_gen)
+        idx = self.perm.to(self.device)
+        micro = [idx[i * bs : (i + 1) * bs] for i in range(self.micro_per_epoch)]
+        groups = [micro[i : i + accum] for i in range(0, len(micro), accum)]
+        return iter(groups[self.pos :])
+
+    def _streamed_groups(self, accum: int) -> Iterator[list[Any]]:
+        first, n_micro = self.pos * accum, self.micro_per_epoch
+        batches = self.stream.epoch(self.epoch, first)  # checks the loader's position now
+
+        def groups() -> Iterator[list[Any]]:
+            try:
+                for start in range(first, n_micro, accum):
+                    yield [next(batches) for _ in range(min(accum, n_micro - start))]
+            finally:
+                batches.close()
+
+        return groups()
+
+    def _train_step(self, group: list[Any]) -> None:
         c, world, k = self.config, self.dist.world_size, len(group)
         self.last_lr = self.schedule.apply(self.optimizer, self.step)
         for hook in self.wiring.step_hooks:
             hook(self.step, self.last_lr)
         self.optimizer.zero_grad(set_to_none=True)
-        for j, idx in enumerate(group):  # idx: a global micro-batch
-            x, y = self._batch(idx)
+        for j, item in enumerate(group):  # item: a global micro-batch (or this share of it)
+            x, y, n_global = self._batch(item)
             with self.dist.no_sync(last=j == k - 1):  # DDP all-reduces once per step
                 with self._autocast():
                     out = self.forward_model(x)
                     task = F.cross_entropy(out.float(), y, label_smoothing=c.train.label_smoothing)
                     loss = task
                     if world > 1:  # share-weighted: DDP's average is the global batch's mean
-                        loss = task * self.dist.share_scale(y.shape[0], idx.shape[0])
+                        loss = task * self.dist.share_scale(y.shape[0], n_global)
                     for name, aux_loss in self.wiring.aux_losses.items():
                         value = aux_loss()
                         loss = loss + value
@@ -384,6 +463,8 @@ class Trainer:
         self.step += 1
         self.pos += 1
         self.sums.steps += 1
+        for hook in self.wiring.after_step:
+            hook(self.step, self.last_lr)
 
     def fit(self) -> RunResult:
         """Train to ``total_steps`` (evaluating, logging and checkpointing on the way)."""
@@ -398,6 +479,8 @@ class Trainer:
             finally:
                 self.forward_model = self.eval_model
                 self.dist.unwrap()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
 
     def _training_forward(self) -> nn.Module:
         wrapped = self.dist.wrap(self.model)
@@ -411,29 +494,30 @@ class Trainer:
         bar = self.dist.is_main and progress_enabled(c.run.progress)
         with Progress(self.log, bar, self.total_steps, self.step, c.run.name or "train") as shown:
             while self.step < self.total_steps:
-                if self.perm is None:  # a new epoch
-                    self.perm = torch.randperm(self.n_train, generator=self.data_gen)
-                idx, bs, accum = self.perm.to(self.device), c.train.batch_size, c.train.accum_steps
-                micro = [idx[i * bs : (i + 1) * bs] for i in range(self.micro_per_epoch)]
-                groups = [micro[i : i + accum] for i in range(0, len(micro), accum)]
-                while self.pos < len(groups) and self.step < self.total_steps:
-                    self._train_step(groups[self.pos])
-                    epoch_end = self.pos == len(groups)
-                    if epoch_end:
-                        self.epoch, self.pos, self.perm = self.epoch + 1, 0, None
-                    last = self.step == self.total_steps
-                    rec = None
-                    if epoch_end or last or (every and self.step % every == 0):
-                        rec = self._record()
+                groups = self._epoch_groups()
+                try:
+                    while self.pos < self.steps_per_epoch and self.step < self.total_steps:
+                        self._train_step(next(groups))
+                        epoch_end = self.pos == self.steps_per_epoch
                         if epoch_end:
-                            shown.write(epoch_line(rec, self.total_steps))
-                    if epoch_end or last or (ck_every and self.step % ck_every == 0):
-                        self.save()
-                    shown.step(rec)
-                    for cb in self.callbacks:
-                        cb(self)
-                    if epoch_end:
-                        break
+                            self.epoch, self.pos, self.perm = self.epoch + 1, 0, None
+                        last = self.step == self.total_steps
+                        rec = None
+                        if epoch_end or last or (every and self.step % every == 0):
+                            rec = self._record()
+                            if epoch_end:
+                                shown.write(epoch_line(rec, self.total_steps))
+                        if epoch_end or last or (ck_every and self.step % ck_every == 0):
+                            self.save()
+                        shown.step(rec)
+                        for cb in self.callbacks:
+                            cb(self)
+                        if epoch_end:
+                            break
+                finally:
+                    close = getattr(groups, "close", None)
+                    if close is not None:  # a streamed epoch's loader and its workers
+                        close()
         if not self.history or self.history[-1]["step"] != self.step:
             self._record()
             self.save()
@@ -482,7 +566,9 @@ def train(
         run_dir: where to write (default ``config.run.dir / config.run.name``).
         resume: continue from the run directory's checkpoint (from scratch when there is none).
         overwrite: start again in a directory that already holds a run.
-        data: a :class:`normlab.data.DataSplits` to use instead of loading ``config.data``.
+        data: a :class:`normlab.data.DataSplits` to use instead of loading ``config.data``,
+            or this process's streamed loaders (:class:`normlab.data.ImageNetData`, a
+            ``batch_size`` of ``train.batch_size`` / processes).
         callbacks: called with the :class:`Trainer` after every optimizer step.
         log: receives one line per epoch and status messages.
         write: ``False`` keeps everything in memory (no run directory).

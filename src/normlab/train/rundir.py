@@ -7,10 +7,12 @@
     metrics.jsonl              one JSON object per evaluation (see :mod:`normlab.train.loop`)
     summary.json               final and best test accuracy, steps, time per step, ... (at the end)
     checkpoint.pt              the latest checkpoint: model, optimizer, AMP scaler, counters,
-                               data order and every RNG state
+                               data order (a streamed dataset: its loader position) and
+                               every RNG state
     checkpoint.pt.sha256       its sha256 (``sha256sum -c checkpoint.pt.sha256`` checks it)
     checkpoint.prev.pt         the checkpoint before it, kept while the latest is written
     checkpoint.prev.pt.sha256
+    events.out.tfevents.*      TensorBoard's copy of the records (``run.tensorboard = true``)
 
 Checkpoints are written atomically and verified on load (:mod:`normlab.train.checkpoint`).
 Resuming reads ``checkpoint.pt``; when it is corrupt or foreign (not a normlab training
@@ -49,6 +51,7 @@ from normlab.train.checkpoint import (
     save_checkpoint,
 )
 from normlab.train.config import Config, ConfigError, config_from_dict, diff_configs, dump_toml
+from normlab.train.tblog import EVENT_FILES
 
 __all__ = [
     "CHECKPOINT",
@@ -81,9 +84,11 @@ RESUME_MUTABLE_KEYS = frozenset(
         "run.save_checkpoints",
         "run.checkpoint_every_steps",
         "run.dist_backend",
+        "run.tensorboard",
         "run.dir",
         "run.name",
         "train.eval_batch_size",
+        "data.workers",
     }
 )
 
@@ -187,6 +192,8 @@ class RunDir:
             checksum_path(p).unlink(missing_ok=True)
         for name in (METRICS, SUMMARY):
             (d / name).unlink(missing_ok=True)
+        for events in d.glob(EVENT_FILES):  # TensorBoard's copy of the old records
+            events.unlink()
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / CONFIG, dump_toml(config))
         atomic_write_json(d / ENV, env)

@@ -1,7 +1,8 @@
 """Experiments that are not one classifier training run: the analysis runners.
 
 * ``snd_conditioning`` (:mod:`~normlab.experiments.analyses.snd`) — SND and output conditioning,
-  Huang et al., Sec. 4, Fig. 4–5;
+  Huang et al., Sec. 4, Fig. 4–5, of any registered layer, on Gaussian pools or on convolution
+  activations of the digits;
 * ``cost`` (:mod:`~normlab.experiments.analyses.cost`) — iterations per second with one norm
   replaced, Kalayeh & Shah, Sec. 5.1, Table 7;
 * ``gan`` (:mod:`~normlab.experiments.analyses.gan`) — the DCGAN, Kalayeh & Shah, Sec. 4.5.
@@ -18,7 +19,7 @@ from normlab.experiments.analyses.registry import (
     get_runner,
     register_analysis,
 )
-from normlab.experiments.analyses.snd import SNDConditioning, gaussian_pool
+from normlab.experiments.analyses.snd import SNDConditioning, activation_pool, gaussian_pool
 
 __all__ = [
     "ANALYSES",
@@ -26,6 +27,7 @@ __all__ = [
     "AnalysisRunner",
     "Cost",
     "SNDConditioning",
+    "activation_pool",
     "frechet_distance",
     "gaussian_pool",
     "get_runner",

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from normlab.nn.gmm import PointSet
 from normlab.nn.stats import current_group, reduce_sums, reduction_scope, weighted_channel_sums
 
 __all__ = ["MixtureNormFn", "coefficients", "mixture_transform_fused", "spread"]
@@ -81,34 +81,41 @@ class MixtureNormFn(torch.autograd.Function):
     again (C, K) × ν products; ∂L/∂γ = Σ_k S2_k/γ and ∂L/∂β = Σ_k Σ_i ν_ik g_i.
 
     Inputs: ``x`` in point layout (the differentiable input), ``nu``, ``weight``, ``bias`` (C,) or
-    None, the :class:`~normlab.nn.gmm.PointSet` ``ps`` of ``x`` (its squares ``ps.sq`` are
-    consumed: their memory becomes the output), and the statistics of ``x`` under ν — μ (K, C),
-    rstd = 1/s (K, C), α = 1/√λ (K,, 0 for an absent component) and W (K,, 1 for an absent one) —
-    as computed from the weighted sums of ``ps`` (no gradient; the backward accounts for their
-    dependence on ``x``). Output ``y`` like ``x``. Forward allocates nothing activation-sized
-    beyond ``ps``, backward two tensors.
+    None, the statistics of ``x`` under ν — μ (K, C), rstd = 1/s (K, C), α = 1/√λ (K,, 0 for an
+    absent component) and W (K,, 1 for an absent one) — as computed from the weighted sums (no
+    gradient; the backward accounts for their dependence on ``x``), and ``scratch``: ``None`` or
+    a one-tuple holding a tensor of ``x``'s shape and dtype whose memory becomes the output
+    (eager mode: :meth:`PointSet.take_squares <normlab.nn.gmm.PointSet.take_squares>`; then the
+    forward allocates nothing activation-sized, the backward two). Output ``y`` like ``x``.
+
+    Traceable by ``torch.compile(fullgraph=True)``: no Python state is changed in forward or
+    backward, and without a process group the backward opens no reduction scope. Once
+    differentiable (the backward treats the statistics as constants).
     """
 
     @staticmethod
-    def forward(ctx, x, nu, weight, bias, ps: PointSet, mean, rstd, alpha, cnt):  # type: ignore[override]
-        xr, y = ps.raw, ps.sq
-        ps.sq = None  # consumed below
+    def forward(ctx, x, nu, weight, bias, mean, rstd, alpha, cnt, scratch):  # type: ignore[override]
         gamma = weight if weight is not None else torch.ones_like(mean[0])
         coef_a, coef_b = coefficients(alpha, rstd, gamma, mean, bias)
-        spread(coef_a, nu, out=y)
-        y.mul_(xr)
-        spread(coef_b, nu, out=y, add=True)
-        ctx.save_for_backward(xr, nu, gamma, mean, rstd, alpha, cnt)
+        if scratch is None:
+            y = mixture_transform_fused(x, nu, coef_a, coef_b)
+        else:
+            (y,) = scratch
+            spread(coef_a, nu, out=y)
+            y.mul_(x)
+            spread(coef_b, nu, out=y, add=True)
+        ctx.save_for_backward(x, nu, gamma, mean, rstd, alpha, cnt)
         ctx.group = current_group()  # the backward's sums are reduced over the same group
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         xr, nu, gamma, mean, rstd, alpha, cnt = ctx.saved_tensors
         gy = gy.to(xr.dtype)
         r = gy * xr
-        with reduction_scope(None):  # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
-            _, t1, u = weighted_channel_sums(gy, nu, r)
+        # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
+        t1, u = _local_sums(gy, nu, r)
         # parameter gradients from the local sums (the data-parallel wrapper averages them) ...
         t2 = alpha[:, None] * rstd * (u - mean * t1)  # Σ_i w_ik g_i x̂ᵏ_i
         grad_x = grad_w = grad_b = None
@@ -132,3 +139,14 @@ class MixtureNormFn(torch.autograd.Function):
             grad_x.addcmul_(xr, spread(coef_p, nu), value=-1.0)
             spread(coef_q, nu, out=grad_x, add=True)
         return grad_x, None, grad_w, grad_b, None, None, None, None, None
+
+
+def _local_sums(gy: Tensor, nu: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_i ν_ik g_i and Σ_i ν_ik r_i on this process alone (no reduction scope is opened when
+    none is active, so that a traced backward changes no Python state)."""
+    if current_group() is None:
+        _, t1, u = weighted_channel_sums(gy, nu, r)
+        return t1, u
+    with reduction_scope(None):
+        _, t1, u = weighted_channel_sums(gy, nu, r)
+    return t1, u

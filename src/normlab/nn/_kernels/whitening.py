@@ -4,9 +4,9 @@ Each computes what the plain functional of :mod:`normlab.nn.whitening` computes 
 ``normlab.use_kernels(False)``), faster or with less memory:
 
 * :func:`newton_schulz`: the coupled Newton iteration for :math:`A^{-1/2}` (Huang et al., Eq. 3)
-  with a hand-written reverse pass (``_NewtonSchulz``): 3T − 3 batched d × d products forward,
-  six per step backward, the iterates in preallocated stacks. Double backward differentiates the
-  plain iteration the caller passes in, so IterNorm stays twice differentiable.
+  with a written-out reverse pass (``_NewtonSchulz``): 3T − 3 batched d × d products forward,
+  six per step backward. Under ``create_graph=True`` the backward recomputes the iterates from
+  the saved input, so autograd differentiates the reverse pass itself (double backward).
 * :func:`zca_inv_sqrt`: ZCA :math:`D\Lambda^{-1/2}D^T` (Eq. 2) in float64 with the closed-form
   backward of the matrix function (``_ZCAInvSqrt``): the Loewner matrix
   :math:`K_{ij} = -1/(\sqrt{\lambda_i}\sqrt{\lambda_j}(\sqrt{\lambda_i} + \sqrt{\lambda_j}))`,
@@ -20,15 +20,18 @@ Each computes what the plain functional of :mod:`normlab.nn.whitening` computes 
   ``(N, C, *)`` input shares one :func:`normlab.nn.stats.group_batch` view between the statistics
   and the output product; ``(N, C)`` input is copied once into contiguous *row batches*
   ``(G, N, d)`` (the channels zero-padded to G·d) shared by ``XᵀX`` (``_RowGramSums``) and
-  ``X W_effᵀ`` (``_RowProduct``, written straight into the ``(N, C)`` output).
+  ``X W_effᵀ`` (``_RowProduct``, written straight into the ``(N, C)`` output in eager mode).
 
 All batch sums go through :func:`normlab.nn.stats.reduce_sums`, so :func:`normlab.sync_stats`
-synchronises the kernels exactly as it does the reference.
+synchronises the kernels exactly as it does the reference; :func:`moments` and
+:func:`update_running` (shared with the reference) let a batch without positions take part with
+zero sums and leave the running buffers untouched when no process had samples. Everything is
+traceable by ``torch.compile(fullgraph=True)``: no ``torch.autograd.grad`` inside a Function, no
+host synchronisation, buffer updates in place outside the Functions.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -43,8 +46,10 @@ __all__ = [
     "Layout",
     "WhitenArgs",
     "iternorm_blocks",
+    "moments",
     "newton_schulz",
     "padded_blocks",
+    "update_running",
     "whiten",
     "zca_inv_sqrt",
 ]
@@ -81,87 +86,86 @@ class Layout(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def _newton_schulz_forward(a: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """T ≥ 1 coupled Newton–Schulz steps on a (B, d, d); returns Z_T and the stacked iterates the
-    backward needs: Z_1..Z_{T−1}, Y_1..Y_{T−1} and S_2..S_T (each (T − 1, B, d, d), written in
-    place into one buffer each). Y_T is not formed (only Z_T is returned)."""
-    b, d, _ = a.shape
+def _newton_schulz_forward(
+    a: Tensor, iters: int
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """T ≥ 1 coupled Newton–Schulz steps on a (B, d, d); returns Z_T and the iterates the backward
+    needs: Z_1..Z_{T−1}, Y_1..Y_{T−1} and S_2..S_T. Y_T is not formed (only Z_T is returned).
+    Plain out-of-place ops, so it is traceable and, under grad mode, differentiable."""
+    d = a.shape[-1]
     eye = torch.eye(d, dtype=a.dtype, device=a.device)
-    z1 = torch.add(1.5 * eye, a, alpha=-0.5)  # Z_1 = 1.5 I − 0.5 A
+    z = torch.add(1.5 * eye, a, alpha=-0.5)  # Z_1 = 1.5 I − 0.5 A
     if iters == 1:
-        return z1, z1.unsqueeze(0), z1.unsqueeze(0), z1.unsqueeze(0)
-    zs = a.new_empty(iters - 1, b, d, d)
-    ys = a.new_empty(iters - 1, b, d, d)
-    ss = a.new_empty(iters - 1, b, d, d)
-    zs[0] = z1
-    torch.bmm(a, z1, out=ys[0])  # Y_1 = A Z_1
+        return z, [], [], []
+    zs, ys, ss = [z], [torch.bmm(a, z)], []  # Y_1 = A Z_1
     for k in range(1, iters):  # step k + 1: S, then Z (and Y except at the last step)
-        s = torch.baddbmm(eye, zs[k - 1], ys[k - 1], beta=1.5, alpha=-0.5, out=ss[k - 1])
-        if k == iters - 1:
-            return torch.bmm(s, zs[k - 1]), zs, ys, ss
-        torch.bmm(s, zs[k - 1], out=zs[k])
-        torch.bmm(ys[k - 1], s, out=ys[k])
-    raise AssertionError("unreachable")
+        s = torch.baddbmm(eye, zs[-1], ys[-1], beta=1.5, alpha=-0.5)
+        ss.append(s)
+        z = torch.bmm(s, zs[-1])
+        if k < iters - 1:
+            zs.append(z)
+            ys.append(torch.bmm(ys[-1], s))
+    return z, zs, ys, ss
+
+
+def _newton_schulz_backward(
+    a: Tensor, zs: list[Tensor], ys: list[Tensor], ss: list[Tensor], grad: Tensor
+) -> Tensor:
+    """∂L/∂A from ∂L/∂Z_T by the reverse pass of :func:`_newton_schulz_forward`: for each step
+    ``S = 1.5I − 0.5 Z Y``, ``Z' = S Z``, ``Y' = Y S`` (given ∂Z', ∂Y'): ``∂S = ∂Z' Zᵀ + Yᵀ ∂Y'``,
+    ``∂Z = Sᵀ ∂Z' − 0.5 ∂S Yᵀ``, ``∂Y = ∂Y' Sᵀ − 0.5 Zᵀ ∂S`` (six products, four at the last
+    step where ∂Y' = 0), then Z_1 = 1.5I − 0.5A, Y_1 = A Z_1. Out-of-place ops only, so autograd
+    can differentiate it (double backward)."""
+    if not ss:
+        return grad * -0.5
+    gz, gy = grad, None
+    for s, z, y in zip(reversed(ss), reversed(zs), reversed(ys)):
+        g_s = torch.bmm(gz, z.mT)
+        if gy is not None:
+            g_s = torch.baddbmm(g_s, y.mT, gy)
+        gz_new = torch.baddbmm(torch.bmm(s.mT, gz), g_s, y.mT, alpha=-0.5)
+        gy_new = torch.bmm(z.mT, g_s) * -0.5
+        if gy is not None:
+            gy_new = torch.baddbmm(gy_new, gy, s.mT)
+        gz, gy = gz_new, gy_new
+    assert gy is not None
+    ga = torch.baddbmm(torch.bmm(gy, zs[0].mT), a.mT, gy, alpha=-0.5)
+    return torch.sub(ga, gz, alpha=0.5)
 
 
 class _NewtonSchulz(torch.autograd.Function):
     """Z_T of the coupled Newton–Schulz iteration with a hand-written reverse pass.
 
     Forward: 3T − 3 batched d × d products (Y_T, which autograd's version also forms, is never
-    needed), the iterates stored in three preallocated stacks instead of ~3T separate tensors.
-    Backward: for each step ``S = 1.5I − 0.5 Z Y``, ``Z' = S Z``, ``Y' = Y S`` (given ∂Z', ∂Y'):
-    ``∂S = ∂Z' Zᵀ + Yᵀ ∂Y'``, ``∂Z = Sᵀ ∂Z' − 0.5 ∂S Yᵀ``, ``∂Y = ∂Y' Sᵀ − 0.5 Zᵀ ∂S`` (six
-    products, four at the last step where ∂Y' = 0), then Z_1 = 1.5I − 0.5A, Y_1 = A Z_1 — exactly
-    autograd's chain rule for the same iteration, with the products accumulated in place.
-    Double backward (``create_graph=True``) differentiates ``plain``, the autograd iteration.
+    needed). Backward: :func:`_newton_schulz_backward`, exactly autograd's chain rule for the
+    same iteration. Under ``create_graph=True`` the backward recomputes the iterates from the
+    saved input so that autograd differentiates the whole reverse pass (double backward). No
+    ``torch.autograd.grad`` inside, so ``torch.compile`` traces forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, iters: int, plain: Callable[[Tensor, int], Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, iters: int) -> Tensor:  # type: ignore[override]
         z, zs, ys, ss = _newton_schulz_forward(a, iters)
-        ctx.save_for_backward(a, zs, ys, ss)
+        ctx.save_for_backward(a, *zs, *ys, *ss)
         ctx.iters = iters
-        ctx.plain = plain
         return z
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        a, zs, ys, ss = ctx.saved_tensors
-        iters = ctx.iters
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd iteration
-            with torch.enable_grad():
-                z = ctx.plain(a, iters)
-            (ga,) = torch.autograd.grad(z, a, grad, create_graph=True)
-            return ga, None, None
-        if iters == 1:
-            return grad * -0.5, None, None
-        gz = grad
-        gy: Tensor | None = None
-        work = grad.new_empty(5, *grad.shape)  # ∂S and two ping-pong pairs for ∂Z, ∂Y
-        g_s = work[0]
-        for i, k in enumerate(range(iters - 1, 0, -1)):  # the step that made Z_{k+1}, Y_{k+1}
-            s, z, y = ss[k - 1], zs[k - 1], ys[k - 1]
-            torch.bmm(gz, z.mT, out=g_s)
-            if gy is not None:
-                g_s.baddbmm_(y.mT, gy)
-            gz_new = torch.bmm(s.mT, gz, out=work[1 + i % 2]).baddbmm_(g_s, y.mT, alpha=-0.5)
-            gy_new = torch.bmm(z.mT, g_s, out=work[3 + i % 2]).mul_(-0.5)
-            if gy is not None:
-                gy_new.baddbmm_(gy, s.mT)
-            gz, gy = gz_new, gy_new
-        assert gy is not None
-        z1 = zs[0]
-        ga = torch.bmm(gy, z1.mT)  # Y_1 = A Z_1, Z_1 = 1.5 I − 0.5 A
-        ga.baddbmm_(a.mT, gy, alpha=-0.5).sub_(gz, alpha=0.5)
-        return ga, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        a, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: iterates that depend on a
+            _, zs, ys, ss = _newton_schulz_forward(a, ctx.iters)
+        else:
+            t = ctx.iters - 1
+            zs, ys, ss = saved[:t], saved[t : 2 * t], saved[2 * t :]
+        return _newton_schulz_backward(a, zs, ys, ss, grad), None
 
 
-def newton_schulz(a: Tensor, iters: int, plain: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """Z_T of T ≥ 1 coupled Newton–Schulz steps on ``a`` (B, d, d): the value of ``plain(a,
-    iters)`` (the autograd iteration, used for double backward), with the hand-written backward
-    when a gradient is needed and without storing any iterate otherwise."""
+def newton_schulz(a: Tensor, iters: int) -> Tensor:
+    """Z_T of T ≥ 1 coupled Newton–Schulz steps on ``a`` (B, d, d), with the hand-written
+    backward when a gradient is needed and without storing any iterate otherwise."""
     if torch.is_grad_enabled() and a.requires_grad:
-        return _NewtonSchulz.apply(a, iters, plain)
+        return _NewtonSchulz.apply(a, iters)
     return _newton_schulz_forward(a, iters)[0]
 
 
@@ -199,10 +203,10 @@ def zca_inv_sqrt(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     return _ZCAInvSqrt.apply(sigma, floor)
 
 
-@functools.lru_cache(maxsize=64)
 def _block_mask(num_groups: int, d: int, last: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """For a layout whose last group has ``last < d`` channels: the (G, d, d) mask of the real
-    block entries and the (G, d) mask of the real channels (the rest is padding)."""
+    block entries and the (G, d) mask of the real channels (the rest is padding). Not cached:
+    a constant of the graph under ``torch.compile``, which does not trace through caches."""
     real = torch.ones(num_groups, d, dtype=torch.bool, device=device)
     real[-1, last:] = False
     return real.unsqueeze(-1) & real.unsqueeze(-2), real
@@ -269,19 +273,28 @@ class _RowGramSums(torch.autograd.Function):
         return torch.baddbmm(grad_s1.unsqueeze(1), a, sym)
 
 
+def _row_product(rows: Tensor, w: Tensor, shift: Tensor) -> Tensor:
+    """``(N, G·d)`` output of ``X_g W_gᵀ + b_g`` for row batches ``X`` (G, N, d). Eager: written
+    straight into the output through a strided view (``baddbmm`` alone would return (G, N, d)
+    and need a transposing copy back). Under ``torch.compile`` / ``torch.export``, where an
+    ``out=`` tensor must be contiguous, the same product with the transpose left to the
+    compiler."""
+    g, n, d = rows.shape
+    if torch.compiler.is_compiling():
+        return torch.baddbmm(shift.unsqueeze(1), rows, w.mT).transpose(0, 1).reshape(n, g * d)
+    y = rows.new_empty(n, g * d)
+    torch.baddbmm(shift.unsqueeze(1), rows, w.mT, out=y.view(n, g, d).transpose(0, 1))
+    return y
+
+
 class _RowProduct(torch.autograd.Function):
-    """``Y = X_g W_gᵀ + b_g`` for row batches ``X`` (G, N, d), written straight into the
-    ``(N, G·d)`` output through a strided view (autograd's ``baddbmm`` would return (G, N, d) and
-    need a transposing copy back). Backward: ``∂X = ∂Y W``, ``∂W = (Xᵀ ∂Y)ᵀ``, ``∂b = Σ_n ∂Y``
-    on the (G, N, d) view of ∂Y. Twice differentiable."""
+    """:func:`_row_product` with its backward on the (G, N, d) view of ∂Y: ``∂X = ∂Y W``,
+    ``∂W = (Xᵀ ∂Y)ᵀ``, ``∂b = Σ_n ∂Y``. Twice differentiable."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, w: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
-        g, n, d = rows.shape
-        y = rows.new_empty(n, g * d)
-        torch.baddbmm(shift.unsqueeze(1), rows, w.mT, out=y.view(n, g, d).transpose(0, 1))
         ctx.save_for_backward(rows, w)
-        return y
+        return _row_product(rows, w, shift)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -312,7 +325,10 @@ def _part_batches(x: Tensor, layout: Layout) -> list[tuple[Tensor, int]]:
     for start, _, groups, size in layout.parts():
         width = groups * size
         xs = x if width == x.shape[1] else x[:, start : start + width]
-        out.append(group_batch(xs, size))
+        if x.numel() == 0:  # no positions: the (groups, size, 0) batch, whose sums are zero
+            out.append((xs.reshape(groups, size, 0), 1))
+        else:
+            out.append(group_batch(xs, size))
     return out
 
 
@@ -349,17 +365,39 @@ def _pad_channels(v: Tensor, layout: Layout, value: float) -> Tensor:
     return v.reshape(layout.num_groups, layout.group_size)
 
 
-def _batch_moments(batches: list[tuple[Tensor, int]], eps: float) -> tuple[Tensor, list[Tensor]]:
-    """Mean ``(C,)`` and per-part covariances ``Σ = XcXcᵀ/m + εI`` ``(g, k, k)`` from the covariance
-    sums of each part (:func:`normlab.nn.stats.gram_sums`)."""
+def moments(
+    sums: CovarianceSums, eps: float, empty: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Huang et al., Alg. 1, lines 4 and 6 from covariance sums: ``μ = Σx/m`` (G, d) and
+    ``Σ = Σxxᵀ/m − μμᵀ + εI`` (G, d, d), and ``valid`` for :func:`update_running`.
+
+    ``empty`` (this process's batch has no positions) is a static shape fact, so no host sync:
+    the sums are then the other processes' (under :func:`normlab.sync_stats`) or zero, m is
+    clamped at 1 (finite statistics when no process had samples; nothing is whitened with them)
+    and ``valid`` is the tensor ``m > 0``; otherwise ``valid`` is ``None``.
+    """
+    count, s1, outer = sums
+    valid = None
+    if empty:
+        valid = count > 0
+        count = count.clamp_min(1)
+    mu = s1 / count
+    eye = torch.eye(mu.shape[-1], dtype=outer.dtype, device=outer.device)
+    return mu, outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye, valid
+
+
+def _batch_moments(
+    batches: list[tuple[Tensor, int]], eps: float, empty: bool
+) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """Mean ``(C,)``, per-part covariances ``Σ = XcXcᵀ/m + εI`` ``(g, k, k)`` and ``valid`` (see
+    :func:`moments`) from the covariance sums of each part (:func:`normlab.nn.stats.gram_sums`)."""
     means, sigmas = [], []
+    valid = None
     for xb, reps in batches:
-        count, s1, outer = gram_sums(xb, reps)
-        mu = s1 / count
-        eye = torch.eye(mu.shape[-1], dtype=outer.dtype, device=outer.device)
-        sigmas.append(outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye)
+        mu, sigma, valid = moments(gram_sums(xb, reps), eps, empty)  # one count for all parts
+        sigmas.append(sigma)
         means.append(mu.reshape(-1))
-    return (torch.cat(means) if len(means) > 1 else means[0]), sigmas
+    return (torch.cat(means) if len(means) > 1 else means[0]), sigmas, valid
 
 
 def _fold_affine(
@@ -402,18 +440,27 @@ def _apply_whitening(
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def _update_running(
+def update_running(
     running_mean: Tensor | None,
     running_wm: Tensor | None,
     mean: Tensor,
     wm: Tensor,
     momentum: float,
+    valid: Tensor | None = None,
 ) -> None:
-    """Eq. 8 with PyTorch's momentum convention, when the buffers are given."""
-    if running_mean is not None and running_wm is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-            running_wm.lerp_(wm.detach().to(running_wm.dtype), momentum)
+    """Eq. 8 with PyTorch's momentum convention, in place, when the buffers (or views of them)
+    are given; where the tensor ``valid`` (from :func:`moments`) is false the buffers keep their
+    values exactly (an empty batch on every process), without a host sync."""
+    if running_mean is None or running_wm is None:
+        return
+    with torch.no_grad():
+        mean = mean.detach().to(running_mean.dtype)
+        wm = wm.detach().to(running_wm.dtype)
+        if valid is not None:
+            mean = torch.where(valid, mean, running_mean)
+            wm = torch.where(valid, wm, running_wm)
+        running_mean.lerp_(mean, momentum)
+        running_wm.lerp_(wm, momentum)
 
 
 def _whiten_rows(
@@ -430,12 +477,10 @@ def _whiten_rows(
         x = F.pad(x, (0, g * d - c))
     rows = x.reshape(n, g, d).transpose(0, 1).contiguous()
     if training:
-        count, s1, outer = _row_gram_sums(rows)
-        mu = s1 / count  # (G, d)
-        eye = torch.eye(d, dtype=outer.dtype, device=outer.device)
-        wm = blocks(outer / count - mu.unsqueeze(-1) * mu.unsqueeze(-2) + eps * eye)
+        mu, sigma, valid = moments(_row_gram_sums(rows), eps, n == 0)  # (G, d), (G, d, d)
+        wm = blocks(sigma)
         mean = mu.reshape(-1)[:c]
-        _update_running(running_mean, running_wm, mean, wm, momentum)
+        update_running(running_mean, running_wm, mean, wm, momentum, valid)
     else:
         assert running_mean is not None and running_wm is not None
         mean, wm = running_mean.to(x.dtype), running_wm.to(x.dtype)
@@ -443,8 +488,7 @@ def _whiten_rows(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w_eff, shift)):
         y = _RowProduct.apply(rows, w_eff, shift)
     else:
-        y = rows.new_empty(n, g * d)
-        torch.baddbmm(shift.unsqueeze(1), rows, w_eff.mT, out=y.view(n, g, d).transpose(0, 1))
+        y = _row_product(rows, w_eff, shift)
     return y if g * d == c else y[:, :c].contiguous()
 
 
@@ -462,9 +506,9 @@ def whiten(
     eps, weight, bias, running_mean, running_wm, training, momentum = args
     batches = _part_batches(x, layout)
     if training:
-        mean, sigmas = _batch_moments(batches, eps)
+        mean, sigmas, valid = _batch_moments(batches, eps, x.numel() == 0)
         wm = blocks(_pad_blocks(sigmas, layout.group_size))
-        _update_running(running_mean, running_wm, mean, wm, momentum)
+        update_running(running_mean, running_wm, mean, wm, momentum, valid)
     else:
         assert running_mean is not None and running_wm is not None
         mean, wm = running_mean.to(x.dtype), running_wm.to(x.dtype)
