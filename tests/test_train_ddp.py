@@ -280,6 +280,6 @@ def test_normlab_run_under_torchrun(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     assert [r["status"] for r in suite["runs"]] == ["trained"]
     run = out / "mn" / "seed0"
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in run.iterdir()} == RUN_FILES | {"run.log"}
     assert len(read_metrics(run)) == 1
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
