@@ -64,9 +64,6 @@ def _warm_up(layer: torch.nn.Module, shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("shape_id", SHAPES)
 @pytest.mark.parametrize("name", NAMES)
 def test_empty_batch_like_batchnorm(name: str, shape_id: str, training: bool) -> None:
-    if training and name in ("brn", "sn"):
-        # open bug: an empty training batch gives NaN parameter gradients (0/0 in the moments)
-        pytest.xfail(f"{name}: NaN parameter gradient on an empty training batch")
     shape = SHAPES[shape_id]
     layer = _layer(name)
     _warm_up(layer, shape)

@@ -12,7 +12,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import normlab
-from normlab.nn.renorm import BatchRenorm, batch_renorm, ramp_limit, set_brn_step
+from normlab.nn.renorm import (
+    BatchRenorm,
+    batch_renorm,
+    ramp_limit,
+    set_brn_step,
+    update_running_stats,
+)
 
 F64 = torch.float64
 
@@ -223,6 +229,19 @@ def test_degenerate_batches_stay_finite_and_half_input_keeps_its_dtype():
         torch.testing.assert_close(y.float(), ref(x.to(dtype).float()), atol=atol, rtol=0)
         ref.reset_running_stats()
         assert half.running_mean.dtype == torch.float32
+
+
+def test_no_samples_anywhere_leaves_the_running_statistics_exactly():
+    """A batch empty on every process (count 0 after the reduction) must not write 0/0 into the
+    running statistics: the update keeps them bit for bit."""
+    mean, var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.25])
+    rm, rv = mean.clone(), var.clone()
+    nan = torch.full((2,), float("nan"))
+    update_running_stats(rm, rv, nan, nan, torch.tensor(0.0), 0.1)
+    assert torch.equal(rm, mean) and torch.equal(rv, var)
+    update_running_stats(rm, rv, torch.zeros(2), torch.ones(2), torch.tensor(2.0), 0.5)
+    torch.testing.assert_close(rm, 0.5 * mean)  # a real batch still updates: (1 − m)·r + m·b
+    torch.testing.assert_close(rv, 0.5 * var + 0.5 * 2.0)  # unbiased: 1 · 2/(2 − 1)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from normlab.nn._utils import (
     stat_dtype,
 )
 from normlab.nn.registry import register_norm
-from normlab.nn.stats import channel_sums
+from normlab.nn.stats import channel_sums, current_group
 
 __all__ = ["BatchRenorm", "batch_renorm", "ramp_limit", "set_brn_step"]
 
@@ -65,6 +65,13 @@ class RunningStats(nn.Module):
         self.running_var.fill_(1)
         self.num_batches_tracked.zero_()
 
+    def _batch_statistics(self, x: Tensor) -> bool:
+        """Whether this forward uses (and updates) batch statistics: in training, except for an
+        empty batch outside :func:`normlab.sync_stats`, which is normalized with the running
+        statistics and leaves them alone, as ``nn.BatchNorm2d`` does (inside it the process
+        joins the reductions and the other processes' samples give the statistics)."""
+        return self.training and (x.shape[0] > 0 or current_group() is not None)
+
     def _begin_forward(self, x: Tensor) -> None:
         """Check the input (``(N, C)`` or ``(N, C, *)``) and count a training batch."""
         check_input(x, self.num_features, type(self).__name__)
@@ -82,11 +89,15 @@ def update_running_stats(
 ) -> None:
     """In place and without gradient, as torch's batch norm: ``running = (1 − momentum)·running +
     momentum·batch``, storing the unbiased variance ``var·n/(n − 1)`` of the biased ``var`` over
-    ``count`` = n values (factor 1 when n = 1)."""
+    ``count`` = n values (factor 1 when n = 1). With n = 0 (an empty batch, also one that is
+    empty on every process) the running statistics stay exactly as they were."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1).clamp_min(1))
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        seen = count > 0
+        mean = torch.where(seen, mean.to(running_mean.dtype), running_mean)
+        unbiased = torch.where(seen, unbiased.to(running_var.dtype), running_var)
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(unbiased, momentum)
 
 
 def batch_renorm(
@@ -298,7 +309,7 @@ class BatchRenorm(RunningStats):
             self.running_var,
             self.weight,
             self.bias,
-            self.training,
+            self._batch_statistics(x),
             self.momentum,
             self.eps,
             r_max,

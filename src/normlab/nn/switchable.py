@@ -230,7 +230,7 @@ class SwitchNorm(RunningStats):
             self.running_var,
             self.weight,
             self.bias,
-            self.training,
+            self._batch_statistics(x),
             self.momentum,
             self.eps,
         )
