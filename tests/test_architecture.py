@@ -151,6 +151,7 @@ def test_report_is_downstream_of_experiments() -> None:
     ]
     assert not back, "experiments must not import report:\n" + "\n".join(back)
     private = []
+
     def package(mod: str) -> str:  # normlab.report.plots -> report; normlab -> ""
         parts = mod.split(".")
         return parts[1] if len(parts) > 1 else ""
