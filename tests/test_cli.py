@@ -121,6 +121,16 @@ def test_train_missing_config_file(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_train_missing_imagenet_folder_is_one_line(capsys, tmp_path):
+    cfg = _write_cfg(tmp_path)
+    missing = tmp_path / "no_imagenet"
+    rc = main(["train", str(cfg), "--set", "data.name=imagenet", "--set", f"data.root={missing}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "ImageNet not found" in err and str(missing) in err
+    assert "Traceback" not in err
+
+
 def test_quickstart_reduced_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     rc = main(

@@ -78,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set or [])
         trainer = Trainer(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, log=_log)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # incl. missing dataset files
         return _err(str(e))
     c = trainer.config
     _log(
