@@ -16,6 +16,7 @@ the interruption and starts that state afresh from the checkpoint's step on.
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
-class Collector:
+class Collector(abc.ABC):
     """A trainer callback that appends JSON records to ``run_dir / file``; ``fresh`` removes the
     file of an earlier attempt."""
 
@@ -68,10 +69,11 @@ class Collector:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, default=json_default) + "\n")
 
+    @abc.abstractmethod
     def __call__(self, trainer: Any) -> None:
-        raise NotImplementedError
+        """Record what this collector measures at the trainer's current step."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a no-op unless the collector holds hooks)
         """Remove the collector's hooks (the run has ended)."""
 
 
