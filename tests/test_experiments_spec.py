@@ -127,7 +127,8 @@ def test_dataclass_from_table_coerces_and_checks_like_a_config_section():
             dataclass_from_table(Opts, table, "opts")
 
 
-# the quickstart's protocol as it was written before it became an experiment file
+# the quickstart's protocol, written out as plain overrides (MixtureNorm at one middle layer, as in
+# Kalayeh & Shah's CIFAR CNN; mixture-all in every slot)
 _OLD_BASE = {
     "data": {"name": "digits"},
     "model": {"name": "small_cnn"},
@@ -140,8 +141,12 @@ _OLD_METHODS = {
     "bn": {"model.norm": "bn"},
     "gn+ws": {"model.norm": "gn", "model.conv": "ws"},
     "bcn+ws": {"model.norm": "bcn", "model.conv": "ws"},
-    "mixture": {"model.norm": "mixture"},
-    "mixture+warm": {"model.norm": "mixture(init=warm)"},
+    "mixture": {"model.norm": "mixture(k=3, em_iters=2)", "model.include": "conv2.norm"},
+    "mixture+warm": {
+        "model.norm": "mixture(k=3, em_iters=2, init=warm)",
+        "model.include": "conv2.norm",
+    },
+    "mixture-all": {"model.norm": "mixture"},
     "mode": {"model.norm": "mode"},
     "iternorm": {"model.norm": "iternorm"},
     "std-loss": {"model.norm": "none", "model.std_loss_weight": 0.01},

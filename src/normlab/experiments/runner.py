@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from normlab.experiments.analyses import get_runner
 from normlab.experiments.catalog import load_experiment
 from normlab.experiments.collectors import json_default
@@ -49,12 +51,14 @@ from normlab.experiments.runs import (
     write_json,
 )
 from normlab.experiments.spec import Experiment, ExperimentError, parse_experiment
+from normlab.provenance import provenance
 from normlab.train import (
     RESUME_MUTABLE_KEYS,
     Config,
     atomic_write_text,
     config_from_dict,
     diff_configs,
+    select_device,
 )
 from normlab.train.distributed import env_world_size, is_main_process
 
@@ -265,6 +269,45 @@ def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
             )
 
 
+def _device_name(specs: Sequence[RunSpec], device: str | None) -> str:
+    """The device the runs train on, as a word: ``cpu`` or ``cuda:0 (NVIDIA H200)``."""
+    want = device
+    if want is None and specs:
+        cfg = specs[0].config
+        want = cfg.get("device", "auto") if isinstance(cfg, dict) else cfg.run.device
+    try:
+        dev = select_device(want or "auto")
+    except ValueError:
+        return str(want)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{idx} ({torch.cuda.get_device_name(idx)})"
+    return dev.type
+
+
+def _carry_history(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
+    """Keep the provenance of earlier invocations that wrote runs into ``out`` (a sweep resumed
+    on other code) under ``provenance_history``, so the report can say the runs are mixed."""
+    p = out / SUITE_FILE
+    if overwrite or not p.is_file():
+        return
+    try:
+        old = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    history = list(old.get("provenance_history", []))
+    prev = old.get("provenance")
+    keys = ("git_commit", "git_dirty", "torch", "device", "experiment_sha256")
+    if (
+        prev
+        and prev not in history
+        and any(prev.get(k) != suite["provenance"].get(k) for k in keys)
+    ):
+        history.append(prev)
+    if history:
+        suite["provenance_history"] = history
+
+
 def run_experiment(
     experiment: Experiment | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -365,7 +408,9 @@ def run_experiment(
             for s in specs
         ],
     }
+    suite["provenance"] = provenance(_device_name(specs, device), exp.path)
     _check_suite(out, suite, overwrite)
+    _carry_history(out, suite, overwrite)
     main = is_main_process()
     if not main and exp.kind == "analysis":
         suite["out"] = str(out)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from normlab import __version__
+from normlab.provenance import git_state
 from normlab.train.checkpoint import (
     CheckpointError,
     CheckpointWarning,
@@ -106,6 +107,7 @@ def environment(device: torch.device, seed: int, dist: Any = None) -> dict[str, 
         "python": platform.python_version(),
         "platform": platform.platform(),
         "normlab": __version__,
+        **git_state(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "device": str(device),
