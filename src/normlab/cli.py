@@ -49,6 +49,7 @@ from normlab.experiments.launchers import LAUNCHERS, SLURM_CLUSTERS, LaunchOptio
 from normlab.experiments.spec import Launcher, slurm_minutes
 from normlab.experiments.status import format_status, suite_status
 from normlab.report import write_quickstart_report, write_report
+from normlab.report.index import write_index
 from normlab.train import Trainer, load_config
 from normlab.train.distributed import is_main_process
 
@@ -320,7 +321,15 @@ def _add_launcher_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if (args.run_dir is None) == (args.index is None):
+        return _err("report: give a run directory or --index RESULTS_DIR (one of them)")
+    if args.readme is not None and args.index is None:
+        return _err("report: --readme goes with --index")
     try:
+        if args.index is not None:
+            for p in write_index(args.index, args.readme):
+                print(p)
+            return 0
         path = write_report(args.run_dir, args.out)
     except (ValueError, FileNotFoundError) as e:
         return _err(str(e))
@@ -413,8 +422,20 @@ def add_commands(subparsers: Any) -> None:
         "report",
         help="write a Markdown report (tables with the paper's numbers, PNG plots) of a run directory",
     )
-    p.add_argument("run_dir", help="directory written by `normlab run`")
+    p.add_argument("run_dir", nargs="?", default=None, help="directory written by `normlab run`")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.add_argument(
+        "--index",
+        metavar="RESULTS_DIR",
+        default=None,
+        help="instead: write RESULTS_DIR/README.md, one row per experiment, from the committed "
+        "results.json and discussion.md files",
+    )
+    p.add_argument(
+        "--readme",
+        default=None,
+        help="with --index: also regenerate the quickstart table in this README",
+    )
     p.set_defaults(func=_cmd_report)
 
 

@@ -77,6 +77,12 @@ class RunData:
         return bool(self.summary) or bool(self.result)
 
     @property
+    def params(self) -> dict[str, Any]:
+        """An analysis run's parameters (``params.json``; empty for a training run)."""
+        p = self.path / "params.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    @property
     def total_steps(self) -> int | None:
         if self.summary.get("steps"):
             return int(self.summary["steps"])

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.analysis._plot import new_figure, save_figure
+from normlab.analysis._plot import new_figure, save_figure, set_caption
 from normlab.analysis.activations import plot_activation_gmms, plot_percentiles
 from normlab.analysis.statdiff import plot_stat_diff
+from normlab.report.labels import run_label
 from normlab.report.metrics import RunData, SuiteData
 
 __all__ = [
@@ -131,9 +132,9 @@ def plot_curves(
             ax.set_yscale("log")
         n = max(len(data.runs[v]) for v in names)
         band = f"±1 std over {n} seeds" if n > 1 else f"±1 std in a {window}-point window"
-        ax.set_title(
-            f"{group + ': ' if group else ''}test (solid), train (dashed); {band}", fontsize=8
-        )
+        what = "test error (solid), train error (dashed)" if train else "test error"
+        ax.set_title(f"{what}; {band}", fontsize=7)
+        set_caption(fig, run_label(data, group or None))
         ax.legend(fontsize=6, ncol=2)
         paths.append(save_figure(fig, out_dir / f"{name}_{safe_name(group)}.png"))
     return paths
@@ -166,7 +167,8 @@ def plot_losses(data: SuiteData, out_dir: Path, x: str = "step", window: int = 1
                 )
         ax.set_xlabel(x)
         ax.set_ylabel("cross entropy")
-        ax.set_title(f"{group + ': ' if group else ''}train (circles), test (squares)", fontsize=8)
+        ax.set_title("train (circles), test (squares)", fontsize=7)
+        set_caption(fig, run_label(data, group or None))
         ax.legend(fontsize=6, ncol=2)
         paths.append(save_figure(fig, out_dir / f"losses_{safe_name(group)}.png"))
     return paths

@@ -36,10 +36,13 @@ from typing import Any
 import torch
 
 import normlab
+from normlab.analysis._plot import figure_caption
 from normlab.analysis.curves import plot_speedup
-from normlab.experiments import Experiment, get_runner, match_variants
+from normlab.experiments import EXPERIMENT_COPY, Experiment, get_runner, match_variants
 from normlab.experiments.spec import SpeedupPlot
+from normlab.provenance import git_state, sha256_of
 from normlab.report.analyses import REPORTS
+from normlab.report.labels import data_short, data_used, run_label
 from normlab.report.markdown import markdown_table, relative_link
 from normlab.report.metrics import (
     SuiteData,
@@ -110,6 +113,7 @@ def _header(data: SuiteData) -> list[str]:
         + ".",
         "",
     ]
+    lines += [_provenance_line(result_provenance(data)), ""]
     if suite.get("experiment_changed"):
         lines += [
             f"*The experiment file changed after these runs; tables, claims and notes are read from "
@@ -119,6 +123,62 @@ def _header(data: SuiteData) -> list[str]:
     if exp.description:
         lines += [exp.description, ""]
     return lines
+
+
+def result_provenance(data: SuiteData) -> dict[str, Any]:
+    """Where the suite's numbers come from, for ``results.json``: the code, torch and device the
+    runs recorded (``suite.json``, each training run's ``env.json``), the sha256 of the
+    experiment file that ran (the copy in the run directory) and the code that wrote the report.
+    ``mixed`` is true when the runs were made by more than one commit or on a dirty checkout."""
+    suite = data.suite
+    prov: dict[str, Any] = dict(suite.get("provenance") or {})
+    commits, dirty, devices, torches = [], False, [], []
+    for rs in data.runs.values():
+        for r in rs:
+            p = r.path / "env.json"
+            if not p.is_file():
+                continue
+            env = json.loads(p.read_text(encoding="utf-8"))
+            for seen, key in ((commits, "git_commit"), (devices, "device"), (torches, "torch")):
+                if env.get(key) and env[key] not in seen:
+                    seen.append(env[key])
+            dirty = dirty or bool(env.get("git_dirty"))
+    history = suite.get("provenance_history", [])
+    commits += [h["git_commit"] for h in history if h.get("git_commit") not in commits]
+    if prov.get("git_commit") and prov["git_commit"] not in commits:
+        commits.append(prov["git_commit"])
+    dirty = dirty or bool(prov.get("git_dirty")) or any(h.get("git_dirty") for h in history)
+    prov.setdefault("normlab", normlab.__version__)
+    prov.setdefault("git_commit", commits[0] if len(commits) == 1 else None)
+    prov["git_dirty"] = dirty if (commits or "git_dirty" in prov) else None
+    prov.setdefault("torch", torches[0] if torches else None)
+    prov.setdefault("device", devices[0] if devices else suite.get("device"))
+    copy = data.root / EXPERIMENT_COPY
+    if copy.is_file():
+        prov["experiment_file"] = data.experiment.path.name
+        prov["experiment_sha256"] = sha256_of(copy)
+    prov["run_commits"] = [c for c in commits if c]
+    prov["mixed"] = len(prov["run_commits"]) > 1 or dirty or len(torches) > 1
+    prov["report"] = {"normlab": normlab.__version__, **git_state()}
+    return prov
+
+
+def _provenance_line(prov: dict[str, Any]) -> str:
+    commits = prov.get("run_commits") or []
+    code = (
+        f"commit {', '.join(c[:10] for c in commits)}"
+        + (" with uncommitted changes" if prov.get("git_dirty") else "")
+        if commits
+        else "code outside a git checkout"
+    )
+    sha = prov.get("experiment_sha256")
+    return (
+        f"Provenance: normlab {prov.get('normlab')} at {code}; torch {prov.get('torch')} on "
+        f"{prov.get('device')}"
+        + (f"; `{prov.get('experiment_file')}` sha256 {sha[:16]}…" if sha else "")
+        + (" (**mixed**: the runs come from more than one code state)" if prov.get("mixed") else "")
+        + "."
+    )
 
 
 def _run_time(data: SuiteData) -> float:
@@ -236,9 +296,11 @@ def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
         paper = t.paper
         rows_sel = match_variants(names, t.rows, "table.rows") if t.rows else names
         has_group = any(exp.variant(n).group for n in rows_sel)
-        header = (["group"] if has_group else []) + ["model", "setting"]
+        ran = [n for n in rows_sel if n in data.runs]
+        used = f"ours on {data_short(data, ran)}, {scale}"
+        header = (["paper's group"] if has_group else []) + ["model", "setting"]
         for h in heads:
-            header += [f"{h} (ours)"] + ([f"{h} (paper)"] if paper else [])
+            header += [f"{h} ({used})"] + ([f"{h} (paper)"] if paper else [])
         rows = []
         tres = []
         for n in rows_sel:
@@ -275,9 +337,11 @@ def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
                 }
             )
         lines += [f"### {t.title or 'Results'}", ""]
+        groups = list(dict.fromkeys(exp.variant(n).group for n in ran))
+        what = "; ".join(run_label(data, g or None) for g in groups) or run_label(data)
         lines.append(
-            f"Ours: mean ± std over {n_seeds} seed(s) at scale {scale}"
-            + ("; paper: the paper's numbers at its full scale." if paper else ".")
+            f"Ours: {what}; mean ± std over {n_seeds} seed(s)"
+            + ("; paper: the paper's numbers at its full scale, on its own data." if paper else ".")
         )
         if t.note:
             lines.append(t.note)
@@ -455,6 +519,8 @@ def write_report(
         "experiment": exp.name,
         "scale": data.suite.get("scale"),
         "seeds": data.suite.get("seeds"),
+        "data": data_used(data),
+        "provenance": result_provenance(data),
     }
     lines = _header(data) + _protocol(data)
     if not data.runs:
@@ -467,13 +533,15 @@ def write_report(
             exp.claims, _train_lookup(data), data.suite.get("scale", "full"), _train_samples(data)
         )
         lines += _claims_section(rows, results)
-        plots = _train_plots(data, out_dir)
+        with figure_caption(run_label(data)):
+            plots = _train_plots(data, out_dir)
         _curve_summary(data, results)
     else:
         runner = get_runner(exp.analysis.get("runner"), exp.name).name
         if runner not in REPORTS:
             raise ValueError(f"{exp.name}: the analysis runner {runner!r} has no report section")
-        body, rows, plots = REPORTS[runner](data, out_dir, results)
+        with figure_caption(run_label(data)):
+            body, rows, plots = REPORTS[runner](data, out_dir, results)
         lines += ["## Results", "", *body]
         lines += _claims_section(rows, results)
     if plots:
