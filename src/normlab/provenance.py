@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from normlab import __version__
+
 __all__ = ["git_state", "provenance", "sha256_bytes", "sha256_of"]
 
 # src/normlab/provenance.py -> the checkout holding src/ (when normlab runs from one)
@@ -76,8 +78,6 @@ def provenance(device: str | None = None, experiment: str | os.PathLike[str] | N
     """The code and environment of this process: normlab's version and git state, torch and
     python versions, ``device`` (as given: ``"cpu"``, ``"cuda:0 (NVIDIA H200)"``, ...) and, with
     ``experiment``, that file's name and sha256."""
-    from normlab import __version__
-
     rec: dict[str, Any] = {
         "normlab": __version__,
         **git_state(),

@@ -19,6 +19,7 @@ from normlab.experiments import available_experiments, find_experiment, load_exp
 from normlab.provenance import sha256_of
 from normlab.report.markdown import markdown_table
 from normlab.report.metrics import Agg, format_agg
+from normlab.report.report import paper_reference
 
 __all__ = [
     "QS_END",
@@ -174,8 +175,6 @@ def results_index(
 ) -> str:
     """The text of ``results/README.md``: one row per experiment of ``experiments`` (default:
     :func:`available_experiments`), in that order."""
-    from normlab.report.report import paper_reference
-
     experiments = available_experiments() if experiments is None else experiments
     rows = []
     for name in experiments:
