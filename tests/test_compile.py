@@ -105,14 +105,10 @@ def _backend_cases() -> list:
     return cases
 
 
-# Open bugs, kept visible: the compiled input gradient of brn (and sn on (N, C)) differs from
-# eager when the running statistics are updated in the same forward; eager is the correct one
-# (its gradient sums to zero per channel, as the centering demands).
-KNOWN_COMPILE_BUGS = {
-    ("brn", "NC"): "brn: compiled x.grad differs from eager (in-place running-stat update)",
-    ("brn", "NCHW"): "brn: compiled x.grad differs from eager (in-place running-stat update)",
-    ("sn", "NC"): "sn: compiled x.grad differs from eager on (N, C) input",
-}
+# Open bugs, kept visible ((name, shape id) -> reason; the case is an expected failure). Empty:
+# brn and sn, whose compiled input gradient once differed from eager because the partitioner
+# re-read their running statistics after the in-place update, now read them via read_running.
+KNOWN_COMPILE_BUGS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize(("name", "shape_id", "backend"), _backend_cases())

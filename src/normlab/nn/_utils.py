@@ -17,10 +17,32 @@ __all__ = [
     "check_momentum",
     "check_positive_int",
     "from_points",
+    "read_running",
     "reset_channel_affine",
     "stat_dtype",
     "to_points",
 ]
+
+
+@torch.library.custom_op("normlab::snapshot", mutates_args=())
+def _snapshot(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+@_snapshot.register_fake
+def _snapshot_fake(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def read_running(t: Tensor) -> Tensor:
+    """A running-statistic buffer read in a training forward that then updates it in place,
+    detached. Eager: ``t.detach()`` (no copy). Under ``torch.compile``: a copy made by an opaque
+    op, so that AOT autograd's partitioner saves the value read instead of re-reading the
+    buffer in the backward, after the in-place update (a partitioner bug of torch 2.13: it
+    recomputes reads of mutated inputs, giving wrong input gradients)."""
+    if torch.compiler.is_compiling():
+        return _snapshot(t.detach())
+    return t.detach()
 
 
 def check_input(x: Tensor, num_features: int, layer: str) -> None:

@@ -38,6 +38,7 @@ from normlab.nn._utils import (
     check_input,
     check_momentum,
     check_positive_int,
+    read_running,
     reset_channel_affine,
     stat_dtype,
 )
@@ -138,7 +139,7 @@ def batch_renorm(
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     dt = stat_dtype(x)
     nd = x.dim()
-    shift = running_mean.detach().to(dt)
+    shift = read_running(running_mean).to(dt)
     xs = x.to(dt) - channel_view(shift, nd)
     sums = channel_sums(xs)
     d_mu, var = sums.mean_var()  # d_mu = μ_B − μ
@@ -148,7 +149,7 @@ def batch_renorm(
     if isinstance(d_max, Tensor):
         d_max = d_max.to(dt)
     with torch.no_grad():
-        sigma = torch.sqrt(running_var.to(dt) + eps)
+        sigma = torch.sqrt(read_running(running_var).to(dt) + eps)
         r = (torch.sqrt(var + eps) / sigma).clamp(min=1.0 / r_max, max=r_max)
         d = (d_mu / sigma).clamp(min=-d_max, max=d_max)
     scale = r * inv_sigma_b

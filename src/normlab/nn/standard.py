@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab.nn._utils import channel_view, check_input, check_positive_int, stat_dtype
+from normlab.nn._utils import (
+    channel_view,
+    check_input,
+    check_positive_int,
+    read_running,
+    stat_dtype,
+)
 from normlab.nn.registry import register_norm
 from normlab.nn.stats import channel_sums, current_group
 
@@ -100,7 +106,7 @@ def batch_norm_from_sums(
     nd = x.dim()
     xf = x.to(dt)
     if running_mean is not None:
-        shift = running_mean.detach().to(dt)
+        shift = read_running(running_mean).to(dt)
     else:
         with torch.no_grad():
             shift = channel_sums(xf).mean_var()[0]

@@ -28,6 +28,7 @@ from normlab.nn._utils import (
     check_eps,
     check_momentum,
     check_positive_int,
+    read_running,
     reset_channel_affine,
     stat_dtype,
 )
@@ -92,7 +93,7 @@ def switch_norm_moments(
     else:
         shift = torch.zeros(c, dtype=dt, device=x.device)
         if running_mean is not None:
-            shift = running_mean.detach().to(dt)
+            shift = read_running(running_mean).to(dt)
         dm = mu_in - shift
         count = torch.tensor(float(n * length), dtype=dt, device=x.device)
         sums = ChannelSums(
