@@ -542,7 +542,7 @@ def write_report(
             raise ValueError(f"{exp.name}: the analysis runner {runner!r} has no report section")
         with figure_caption(run_label(data)):
             body, rows, plots = REPORTS[runner](data, out_dir, results)
-        lines += ["## Results", "", *body]
+        lines += ["## Results", "", f"Ours: {run_label(data)}.", "", *body]
         lines += _claims_section(rows, results)
     if plots:
         lines += ["## Figures", ""]
