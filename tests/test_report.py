@@ -147,6 +147,22 @@ def test_claims_including_trends_and_weighted_sums():
     assert "fails at 4" in rows[0]["ours"]
 
 
+def test_claims_without_a_possible_t_test_say_so():
+    per_seed = {"A": [1.0, 1.0], "B": [2.0, 2.0], "C": [1.5], "D": [1.0, 1.4], "E": [3.0, 3.4]}
+    mean = lambda c, side: [(None, statistics.fmean(per_seed[side]))]  # noqa: E731
+    samples = lambda c, side: per_seed[side]  # noqa: E731
+    claims = [
+        {"text": "no spread", "metric": "m", "a": "A", "op": "<", "b": "B"},
+        {"text": "one seed", "metric": "m", "a": "C", "op": "<", "b": "B"},
+        {"text": "tested", "metric": "m", "a": "D", "op": "<", "b": "E"},
+    ]
+    rows = evaluate_claims(claims, mean, "small", samples)
+    assert [r["holds"] for r in rows] == [True, True, True]
+    assert rows[0]["note"] == "untested: no spread over seeds" and "p" not in rows[0]
+    assert rows[1]["note"] == "untested: one seed"
+    assert "note" not in rows[2] and rows[2]["p"] < 0.05
+
+
 def test_report_of_fake_suite_has_tables_paper_numbers_and_claims(tmp_path):
     root = _fake_suite(tmp_path)
     report = write_report(root, tmp_path / "out")

@@ -377,7 +377,8 @@ def evaluate_claims(
     x and that the last value is above / below the first. A claim with ``scale = "..."`` is only
     checked at that scale. ``samples(claim, side) -> list[float]`` (optional) gives per-seed values
     of a side; when both sides have two or more, the row gets Welch's t-test p-value (``p``) and a
-    ``note`` "n.s." if it is >= 0.05. Returns rows ``{text, ours, holds[, p, note]}`` (holds None =
+    ``note`` "n.s." if it is >= 0.05, "untested: ..." when no test is possible (one seed, or no
+    spread over the seeds on either side). Returns rows ``{text, ours, holds[, p, note]}`` (holds None =
     not checkable).
     """
     rows = []
@@ -433,12 +434,17 @@ def evaluate_claims(
                 _, va, vb = pairs[0]
                 ours = f"{format_value(va, metric)} vs {format_value(vb, metric)}"
                 if samples is not None and isinstance(b_spec, str):
-                    p = _welch_p(samples(c, c["a"]), samples(c, b_spec))
+                    sa, sb = samples(c, c["a"]), samples(c, b_spec)
+                    p = _welch_p(sa, sb)
                     if p is not None:
                         row["p"] = p
                         ours += f" (p = {p:.2g})"
                         if p >= 0.05:
                             row["note"] = "n.s."
+                    elif min(len(sa), len(sb)) < 2:
+                        row["note"] = "untested: one seed"
+                    else:  # every seed gave the same value on both sides: no t-test exists
+                        row["note"] = "untested: no spread over seeds"
             else:
                 bad = [x for x, va, vb in pairs if not _CMP[op](va, vb)]
                 ours = (

@@ -433,6 +433,12 @@ def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list
             else "."
         ),
     ]
+    untested = sum(1 for r in rows if r["holds"] and str(r.get("note", "")).startswith("untested"))
+    if untested:
+        lines[-1] += (
+            f" {untested} of those that hold could not be tested for significance (one seed, or "
+            "every seed giving the same value on both sides)."
+        )
     if failed:
         lines.append(
             "Claims that do **not** hold here: " + "; ".join(f"“{r['text']}”" for r in failed) + "."
