@@ -17,6 +17,7 @@ from normlab.cli import add_commands
 from normlab.experiments import load_experiment, run_experiment
 from normlab.report import write_report
 from normlab.report.metrics import aggregate, evaluate_claims, load_suite_data, run_metric
+from normlab.report.plots import plot_percentile_runs
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -194,10 +195,27 @@ def test_report_from_a_tiny_real_run(tmp_path):
     assert "## The paper's claims, checked on our runs" in text
     assert "MLP" not in text.split("## The paper")[0].split("## Results")[1]  # not run: no rows
     figs = {p.name for p in (tmp_path / "run").glob("*.png")}
-    assert {"curves_CNN_Fig_1.png", "losses_CNN_Fig_1.png", "percentiles.png"} <= figs
+    assert {"curves_CNN_Fig_1.png", "losses_CNN_Fig_1.png", "percentiles_CNN_Fig_1.png"} <= figs
     for p in figs:
         assert (tmp_path / "run" / p).read_bytes()[:8] == PNG
         assert f"({p})" in text
+
+
+def test_percentile_figures_keep_groups_with_shared_labels_apart(tmp_path):
+    # cnn-bn and mlp-bn share the label "batch norm": one figure per group, each from its runs
+    exp = load_experiment(ROOT / "stdloss_mnist.toml")
+    over = ["train.steps=2", "train.eval_every_steps=1"]
+    run_experiment(
+        exp, tmp_path / "run", "small", seeds=1, overrides=over, variants=["cnn-bn", "mlp-bn"]
+    )
+    data = load_suite_data(tmp_path / "run")
+    assert data.runs["cnn-bn"][0].percentiles and data.runs["mlp-bn"][0].percentiles
+    assert data.runs["cnn-bn"][0].percentiles != data.runs["mlp-bn"][0].percentiles
+    paths = plot_percentile_runs(data, tmp_path / "figs")
+    assert sorted(p.name for p in paths) == [
+        "percentiles_CNN_Fig_1.png",
+        "percentiles_MLP_Fig_3.png",
+    ]
 
 
 def test_report_of_an_analysis_run(tmp_path):

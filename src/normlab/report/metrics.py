@@ -306,7 +306,7 @@ def format_value(v: Any, metric: str = "") -> str:
     if name in ("steps_to", "params"):
         return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.0f}"
     if name == "speedup":
-        return f"{v:.2f}x"
+        return "never" if v == 0 else f"{v:.2f}x"  # 0: the target was never reached
     if name in ("final_train_loss", "final_test_loss", "statdiff_final"):
         return f"{v:.3f}"
     if abs(v) >= 1e4 or (abs(v) < 1e-2 and v != 0):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.analysis._plot import new_figure, save_figure, set_caption
+from normlab.analysis._plot import figure_caption, new_figure, save_figure, set_caption
 from normlab.analysis.activations import plot_activation_gmms, plot_percentiles
 from normlab.analysis.statdiff import plot_stat_diff
 from normlab.report.labels import run_label
@@ -216,19 +216,26 @@ def plot_gmm(run: RunData, out_dir: Path, ks: Sequence[int] = (1, 2, 3)) -> Path
     )
 
 
-def plot_percentile_runs(data: SuiteData, out_dir: Path) -> Path | None:
-    """Collins et al., Fig. 4: activation percentiles over training, one panel per variant (seed 0)."""
-    runs = {}
-    q = None
-    for v in data.variants:
-        r = data.runs[v.name][0]
-        if r.percentiles:
-            runs[v.label] = r.percentiles
-            q = r.percentiles[0].get("q", q)
-    if not runs:
-        return None
-    kw = {"q": q} if q else {}
-    return plot_percentiles(runs, out_dir / "percentiles.png", **kw)
+def plot_percentile_runs(data: SuiteData, out_dir: Path) -> list[Path]:
+    """Collins et al., Fig. 4: activation percentiles over training, one panel per variant (seed
+    0), one PNG per table group (``percentiles_<group>.png``; ``percentiles.png`` when the
+    experiment has no groups), so variants of different groups that share a label stay apart."""
+    paths = []
+    for group, names in _groups(data).items():
+        runs = {}
+        q = None
+        for name in names:
+            r = data.runs[name][0]
+            if r.percentiles:
+                runs[data.experiment.variant(name).label] = r.percentiles
+                q = r.percentiles[0].get("q", q)
+        if not runs:
+            continue
+        kw = {"q": q} if q else {}
+        fname = f"percentiles_{safe_name(group)}.png" if group else "percentiles.png"
+        with figure_caption(run_label(data, group or None)):
+            paths.append(plot_percentiles(runs, out_dir / fname, **kw))
+    return paths
 
 
 def _colors(n: int) -> list[Any]:

@@ -298,7 +298,8 @@ def _train_tables(data: SuiteData, results: dict[str, Any]) -> list[str]:
         has_group = any(exp.variant(n).group for n in rows_sel)
         ran = [n for n in rows_sel if n in data.runs]
         used = f"ours on {data_short(data, ran)}, {scale}"
-        header = (["paper's group"] if has_group else []) + ["model", "setting"]
+        setting = "paper's setting" if exp.source else "setting"
+        header = (["paper's group"] if has_group else []) + ["model", setting]
         for h in heads:
             header += [f"{h} ({used})"] + ([f"{h} (paper)"] if paper else [])
         rows = []
@@ -466,9 +467,7 @@ def _train_plots(data: SuiteData, out: Path) -> list[Path]:
         if p:
             paths.append(p)
     if any(r.percentiles for rs in data.runs.values() for r in rs):
-        p = plot_percentile_runs(data, out)
-        if p:
-            paths.append(p)
+        paths += plot_percentile_runs(data, out)
     if spec.speedup is not None:
         paths += _speedup_plots(data, out, spec.speedup)
     return paths
