@@ -143,7 +143,7 @@ def test_results_index_rows_count_claims_and_quote_the_discussion(tmp_path):
     (d / "discussion.md").write_text("# Title\n\nFirst paragraph\nof two lines.\n\nSecond.\n")
     text = results_index(results, {"mode_small_batch": "", "mode_multitask": ""})
     row = next(line for line in text.splitlines() if line.startswith("| [mode_small_batch]"))
-    assert "**1 of 2 claims hold**, 1 do not" in row
+    assert "**1 of 2 checked claims hold**" in row
     assert "✓ MGN beats GN (31.0 vs 32.0 (p = 0.01));" in row
     assert "✗ MN beats BN (30.0 vs 29.0 (p = 0.4), n.s.);" in row
     assert "First paragraph of two lines." in row and "Second." not in row

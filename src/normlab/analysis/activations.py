@@ -297,6 +297,16 @@ class PercentileRecorder:
         self.remove()
 
 
+def _ordinal(v: float) -> str:
+    """The English suffix of a percentile: 1st, 2nd, 3rd, 11th, 20th, 99th, 99.9th."""
+    if v != int(v):
+        return "th"
+    n = int(v)
+    if n % 100 in (11, 12, 13):
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
 def plot_percentiles(
     runs: Mapping[str, Sequence[Mapping[str, Any]]] | Sequence[Mapping[str, Any]],
     path: str | os.PathLike[str],
@@ -316,7 +326,7 @@ def plot_percentiles(
         steps = [r["step"] for r in hist]
         vals = np.asarray([r["percentiles"] for r in hist], dtype=np.float64).reshape(len(hist), -1)
         for i in range(vals.shape[1]):
-            name = f"{q[i]:g}th" if i < len(q) else f"#{i}"
+            name = f"{q[i]:g}{_ordinal(q[i])}" if i < len(q) else f"#{i}"
             ax.plot(steps, vals[:, i], color=colors[i % len(colors)], label=name)
         ax.set_xlabel("step")
         if label:

@@ -153,11 +153,9 @@ def _outcome(res: dict[str, Any], summary: str) -> str:
         held = sum(1 for c in claims if c.get("holds") is True)
         failed = sum(1 for c in claims if c.get("holds") is False)
         open_ = len(claims) - held - failed
-        tally = f"**{held} of {len(claims)} claims hold**"
-        if failed:
-            tally += f", {failed} do not"
+        tally = f"**{held} of {held + failed} checked claims hold**"
         if open_:
-            tally += f", {open_} cannot be checked"
+            tally += f" ({open_} of the paper's {len(claims)} cannot be checked at this scale)"
         parts.append(tally + ":")
         for c in claims:
             mark = {True: "✓", False: "✗"}.get(c.get("holds"), "?")

@@ -408,6 +408,7 @@ def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list
     results["claims"] = rows
     held = sum(1 for r in rows if r["holds"])
     failed = [r for r in rows if r["holds"] is False]
+    unchecked = sum(1 for r in rows if r["holds"] is None)
     lines = [
         "## The paper's claims, checked on our runs",
         "",
@@ -423,7 +424,8 @@ def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list
             ],
         ),
         "",
-        f"{held} of {len(rows)} claims hold at this scale"
+        f"{held} of {len(rows) - unchecked} claims checked here hold"
+        + (f" ({unchecked} of the {len(rows)} cannot be checked at this scale)" if unchecked else "")
         + (
             f"; {weak} of them by a margin that is not significant (Welch's t-test over seeds, p >= 0.05)."
             if (
