@@ -140,13 +140,16 @@ def test_results_index_rows_count_claims_and_quote_the_discussion(tmp_path):
     res = {"experiment": "mode_small_batch", "scale": "small", "seeds": 2, "claims": claims}
     res["data"] = "four-domain 8×8 digits"
     (d / "results.json").write_text(json.dumps(res))
-    (d / "discussion.md").write_text("# Title\n\nFirst paragraph\nof two lines.\n\nSecond.\n")
+    (d / "discussion.md").write_text(
+        "# Title\n\n**In short.** First paragraph\nof two lines.\n\nSecond.\n"
+    )
     text = results_index(results, {"mode_small_batch": "", "mode_multitask": ""})
     row = next(line for line in text.splitlines() if line.startswith("| [mode_small_batch]"))
     assert "**1 of 2 checked claims hold**" in row
     assert "✓ MGN beats GN (31.0 vs 32.0 (p = 0.01));" in row
     assert "✗ MN beats BN (30.0 vs 29.0 (p = 0.4), n.s.);" in row
     assert "First paragraph of two lines." in row and "Second." not in row
+    assert "In short" not in row
     assert "small: four-domain 8×8 digits, 2 seeds" in row
     assert "| mode_multitask |" in text and "**no committed result**" in text
 

@@ -117,7 +117,8 @@ def result_problems(
 
 
 def discussion_summary(results_dir: str | os.PathLike[str], name: str) -> str:
-    """The first paragraph of ``results/<name>/discussion.md`` (headings skipped), on one line."""
+    """The first paragraph of ``results/<name>/discussion.md`` (headings skipped), on one line,
+    without a leading ``**In short.**``."""
     p = Path(results_dir) / name / "discussion.md"
     if not p.is_file():
         return ""
@@ -131,7 +132,8 @@ def discussion_summary(results_dir: str | os.PathLike[str], name: str) -> str:
                 break
             continue
         para.append(s)
-    return " ".join(para)
+    text = " ".join(para)
+    return text.removeprefix("**In short.**").strip()
 
 
 def _cell(text: str) -> str:
@@ -154,7 +156,9 @@ def _outcome(res: dict[str, Any], summary: str) -> str:
         failed = sum(1 for c in claims if c.get("holds") is False)
         open_ = len(claims) - held - failed
         tally = f"**{held} of {held + failed} checked claims hold**"
-        if open_:
+        if held + failed == 0:
+            tally = "**no claim can be checked at this scale**"
+        elif open_:
             tally += f" ({open_} of the paper's {len(claims)} cannot be checked at this scale)"
         parts.append(tally + ":")
         for c in claims:

@@ -425,7 +425,11 @@ def _claims_section(rows: list[dict[str, Any]], results: dict[str, Any]) -> list
         ),
         "",
         f"{held} of {len(rows) - unchecked} claims checked here hold"
-        + (f" ({unchecked} of the {len(rows)} cannot be checked at this scale)" if unchecked else "")
+        + (
+            f" ({unchecked} of the {len(rows)} cannot be checked at this scale)"
+            if unchecked
+            else ""
+        )
         + (
             f"; {weak} of them by a margin that is not significant (Welch's t-test over seeds, p >= 0.05)."
             if (
