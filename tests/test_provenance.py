@@ -181,3 +181,21 @@ def test_figure_caption_titles_untitled_figures_only(tmp_path):
     fig3, _ = new_figure()
     save_figure(fig3, tmp_path / "c.png")
     assert fig3.get_suptitle() == ""
+
+
+def test_a_sweep_resumed_on_other_code_keeps_the_earlier_provenance_and_reads_mixed(tmp_path):
+    runs = tmp_path / "runs"
+    run_experiment("quickstart", runs, seeds=1, variants=["bn"], overrides=TINY)
+    suite_path = runs / "suite.json"
+    suite = json.loads(suite_path.read_text())
+    earlier = {**suite["provenance"], "git_commit": "c" * 40}  # as if made by another commit
+    suite["provenance"] = earlier
+    suite_path.write_text(json.dumps(suite))
+    again = run_experiment("quickstart", runs, seeds=1, variants=["bn"], overrides=TINY)
+    assert [r["status"] for r in again["runs"]] == ["skipped"]
+    assert again["provenance_history"] == [earlier]
+    prov = json.loads((runs / "suite.json").read_text())["provenance"]
+    assert prov["git_commit"] != "c" * 40
+    write_report(runs, tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["provenance"]["mixed"] is True and "c" * 40 in res["provenance"]["run_commits"]

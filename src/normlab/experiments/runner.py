@@ -256,10 +256,12 @@ class _Missing(dict):
 # the suite
 
 
-def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
+def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The ``suite.json`` already in ``out`` (None when there is none or with ``overwrite``);
+    an error when it belongs to another experiment or scale."""
     p = out / SUITE_FILE
     if not p.is_file() or overwrite:
-        return
+        return None
     old = json.loads(p.read_text(encoding="utf-8"))
     for key in ("experiment", "scale"):
         if old.get(key) != suite[key]:
@@ -267,6 +269,7 @@ def _check_suite(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
                 f"{str(out)!r} holds a run of {old.get('experiment')!r} at scale "
                 f"{old.get('scale')!r}; choose another --out or pass --overwrite"
             )
+    return old
 
 
 def _device_name(specs: Sequence[RunSpec], device: str | None) -> str:
@@ -285,24 +288,19 @@ def _device_name(specs: Sequence[RunSpec], device: str | None) -> str:
     return dev.type
 
 
-def _carry_history(out: Path, suite: dict[str, Any], overwrite: bool) -> None:
-    """Keep the provenance of earlier invocations that wrote runs into ``out`` (a sweep resumed
-    on other code) under ``provenance_history``, so the report can say the runs are mixed."""
-    p = out / SUITE_FILE
-    if overwrite or not p.is_file():
-        return
-    try:
-        old = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+_PROVENANCE_KEYS = ("git_commit", "git_dirty", "torch", "device", "experiment_sha256")
+
+
+def _carry_history(old: dict[str, Any] | None, suite: dict[str, Any]) -> None:
+    """Keep the provenance of earlier invocations that wrote runs into the same directory (a
+    sweep resumed on other code) under ``provenance_history``, so the report can say the runs
+    are mixed."""
+    if old is None:
         return
     history = list(old.get("provenance_history", []))
     prev = old.get("provenance")
-    keys = ("git_commit", "git_dirty", "torch", "device", "experiment_sha256")
-    if (
-        prev
-        and prev not in history
-        and any(prev.get(k) != suite["provenance"].get(k) for k in keys)
-    ):
+    new = suite["provenance"]
+    if prev and prev not in history and any(prev.get(k) != new.get(k) for k in _PROVENANCE_KEYS):
         history.append(prev)
     if history:
         suite["provenance_history"] = history
@@ -409,8 +407,7 @@ def run_experiment(
         ],
     }
     suite["provenance"] = provenance(_device_name(specs, device), exp.path)
-    _check_suite(out, suite, overwrite)
-    _carry_history(out, suite, overwrite)
+    _carry_history(_check_suite(out, suite, overwrite), suite)
     main = is_main_process()
     if not main and exp.kind == "analysis":
         suite["out"] = str(out)

@@ -19,6 +19,7 @@ from normlab.experiments import available_experiments, find_experiment, load_exp
 from normlab.provenance import sha256_of
 from normlab.report.markdown import markdown_table
 from normlab.report.metrics import Agg, format_agg
+from normlab.report.quickstart import QUICKSTART_COLUMNS
 from normlab.report.report import paper_reference
 
 __all__ = [
@@ -257,16 +258,7 @@ def quickstart_table(results_dir: str | os.PathLike[str]) -> str:
                 ratio,
             ]
         )
-    head = [
-        "method",
-        "norm",
-        "seeds",
-        "final test acc (%)",
-        "best test acc (%)",
-        "steps to BN best",
-        "time/step vs BN",
-    ]
-    return markdown_table(head, rows)
+    return markdown_table(QUICKSTART_COLUMNS, rows)
 
 
 def update_readme(readme: str | os.PathLike[str], results_dir: str | os.PathLike[str]) -> str:

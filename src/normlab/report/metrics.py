@@ -25,6 +25,7 @@ Aggregation over seeds: mean ± sample standard deviation (ddof = 1) of the fini
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -76,7 +77,7 @@ class RunData:
     def finished(self) -> bool:
         return bool(self.summary) or bool(self.result)
 
-    @property
+    @functools.cached_property
     def params(self) -> dict[str, Any]:
         """An analysis run's parameters (``params.json``; empty for a training run)."""
         p = self.path / "params.json"

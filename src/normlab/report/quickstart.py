@@ -17,9 +17,9 @@ from normlab.analysis._plot import new_figure, save_figure
 from normlab.experiments.quickstart import MethodResult, QuickstartResult
 from normlab.report.plots import _colors
 
-__all__ = ["format_table", "plot_test_error", "write_quickstart_report"]
+__all__ = ["QUICKSTART_COLUMNS", "format_table", "plot_test_error", "write_quickstart_report"]
 
-_HEAD = [
+QUICKSTART_COLUMNS = [
     "method",
     "norm",
     "seeds",
@@ -59,13 +59,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 "—" if tvb != tvb else f"{tvb:.2f}×",
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(_HEAD, *body, strict=False)]
+    widths = [max(len(str(x)) for x in col) for col in zip(QUICKSTART_COLUMNS, *body, strict=False)]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(_HEAD), sep, *(line(b) for b in body)])
+    return "\n".join([line(QUICKSTART_COLUMNS), sep, *(line(b) for b in body)])
 
 
 def plot_test_error(methods: dict[str, MethodResult], path: Path, title: str) -> Path:

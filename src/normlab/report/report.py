@@ -87,7 +87,7 @@ def paper_reference(exp: Experiment) -> str:
     return f"{exp.source}, {exp.cite}" if exp.cite else exp.source
 
 
-def _header(data: SuiteData) -> list[str]:
+def _header(data: SuiteData, prov: dict[str, Any]) -> list[str]:
     exp, suite = data.experiment, data.suite
     env: dict[str, Any] = {}
     for runs in data.runs.values():
@@ -113,7 +113,7 @@ def _header(data: SuiteData) -> list[str]:
         + ".",
         "",
     ]
-    lines += [_provenance_line(result_provenance(data)), ""]
+    lines += [_provenance_line(prov), ""]
     if suite.get("experiment_changed"):
         lines += [
             f"*The experiment file changed after these runs; tables, claims and notes are read from "
@@ -533,7 +533,7 @@ def write_report(
         "data": data_used(data),
         "provenance": result_provenance(data),
     }
-    lines = _header(data) + _protocol(data)
+    lines = _header(data, results["provenance"]) + _protocol(data)
     if not data.runs:
         lines += ["**No runs found** — nothing to report yet.", ""]
         plots: list[Path] = []
