@@ -48,6 +48,7 @@ from normlab.nn._kernels import kernels_enabled
 from normlab.nn._kernels import mixture as kernels
 from normlab.nn._utils import (
     add_channel_affine,
+    channel_first_input,
     channel_view,
     check_eps,
     check_input,
@@ -683,6 +684,7 @@ class MixtureNorm(nn.Module):
         self.reset_running_stats()
         reset_channel_affine(self)
 
+    @channel_first_input
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, _LAYER)
         # an empty batch is no batch, as for BatchNorm: nothing is fitted or queued; inside a
