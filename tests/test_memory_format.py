@@ -36,9 +36,7 @@ def _layer(name: str) -> torch.nn.Module:
     return layer
 
 
-def _run(
-    layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, seed: int, fn=None
-) -> dict:
+def _run(layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, seed: int, fn=None) -> dict:
     """``fn`` (default: ``layer``) on a copy of ``x`` from RNG state ``seed``, backward; the
     output, the gradients and ``layer``'s buffers."""
     torch.manual_seed(seed)
