@@ -9,12 +9,14 @@ WSConv2d), as the median of per-pair ratios over alternating runs. Run::
     python benchmarks/layers.py --pairs 40 --device cuda
     python benchmarks/layers.py --compile            # compiled layer vs compiled baseline
     python benchmarks/layers.py --dtype bfloat16 --shape 64,128,32,32 --budget 120
+    python benchmarks/layers.py --channels-last --only "mixture*" --only "mode*"
 
 ``--compile`` compiles every layer and its baseline (``torch.compile``, inductor,
 ``fullgraph=True``, or with graph breaks where that fails: the ``graph`` column says which) and
 adds the ratio of the compiled layer to its own eager self. ``--dtype bfloat16`` feeds bfloat16
 inputs to float32 layers (they keep float32 statistics; the conv row runs under autocast). A
-layer that fails (to compile) gets its error in its row; the other rows go on. ``--only`` may be
+layer that fails (to compile) gets its error in its row; the other rows go on. ``--channels-last`` stores the 4-D input and output
+gradient of every row (layer and baseline alike) as ``torch.channels_last``. ``--only`` may be
 repeated: rows come in the order of the first pattern they match. ``--budget`` stops starting
 rows after that many seconds; the rows left are listed as skipped.
 
@@ -107,6 +109,13 @@ class Options:
     compile: bool
     compile_mode: str = "default"
     compile_backend: str = "inductor"
+    channels_last: bool = False
+
+    def memory(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` stored as the rows are measured (channels last for 4-D under --channels-last)."""
+        if self.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
 
     def compile_with(
         self, module: nn.Module, trial: Callable[[nn.Module], None]
@@ -184,8 +193,8 @@ def bench_row(
     torch.manual_seed(0)
     layer = _candidate(spec, c).to(dev).train()
     base = None if opts.compile else _baseline(kind, c, len(shape)).to(dev).train()
-    x = torch.randn(*shape, device=dev).to(opts.dtype).requires_grad_(True)
-    g = torch.randn(*shape, device=dev).to(opts.dtype)
+    x = opts.memory(torch.randn(*shape, device=dev).to(opts.dtype)).requires_grad_(True)
+    g = opts.memory(torch.randn(*shape, device=dev).to(opts.dtype))
     if base is not None:
         a, b = _step(layer, x, g, autocast), _step(base, x, g, autocast)
         row.ratio, ta, tb = paired_ratio(a, b, dev, pairs=opts.pairs)
@@ -328,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="N,C,H,W or N,C; repeatable (default 64,128,16,16 and 256,512)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--channels-last", action="store_true", help="4-D inputs in torch.channels_last memory"
+    )
     p.add_argument("--compile", action="store_true", help="compiled layers vs compiled baselines")
     p.add_argument(
         "--compile-mode",
@@ -378,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         args.compile,
         args.compile_mode,
         args.compile_backend,
+        args.channels_last,
     )
     if opts.compile:
         raise_recompile_limit()
@@ -385,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"compiled ({how})" if opts.compile else "eager"
     print(
         f"normlab {normlab.__version__}, torch {torch.__version__}, device {opts.device}, "
-        f"threads {torch.get_num_threads()}, pairs {opts.pairs}, {mode}, {args.dtype}",
+        f"threads {torch.get_num_threads()}, pairs {opts.pairs}, {mode}, {args.dtype}"
+        + (", channels last" if opts.channels_last else ""),
         flush=True,
     )
     shapes = args.shape or [SHAPE_4D] + ([] if args.no_2d else [SHAPE_2D])

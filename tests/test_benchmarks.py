@@ -240,3 +240,15 @@ def test_results_name_no_machine_directories() -> None:
     clean = gpu_check.machine_paths_removed(text)
     assert clean.splitlines()[0] == "File src/normlab/cli.py, line 3"
     assert root not in clean and (home == "/" or home not in clean)
+
+
+def test_layer_benchmark_channels_last(capsys) -> None:
+    opts = layers.Options(torch.device("cpu"), torch.float32, 1, False, channels_last=True)
+    x4, x2 = opts.memory(torch.randn(2, 3, 4, 5)), opts.memory(torch.randn(4, 3))
+    assert x4.is_contiguous(memory_format=torch.channels_last) and not x4.is_contiguous()
+    assert x2.is_contiguous()
+    tiny = ["--device", "cpu", "--shape", "4,8,3,3", "--pairs", "1", "--only", "mode"]
+    out = _run_main(layers.main, [*tiny, "--channels-last"], capsys)
+    lines = out.splitlines()
+    assert lines[0].endswith("eager, float32, channels last")
+    assert any(line.startswith("mode ") and "4x8x3x3" in line for line in lines)

@@ -52,12 +52,12 @@ from normlab.nn._kernels import mode as kernels
 from normlab.nn._kernels.mode import batch_center
 from normlab.nn._utils import (
     add_channel_affine,
-    channel_first_input,
     check_eps,
     check_input,
     check_momentum,
     check_positive_int,
     reset_channel_affine,
+    same_memory_format,
     stat_dtype,
 )
 from normlab.nn.registry import register_norm
@@ -597,7 +597,7 @@ class ModeNorm(nn.Module):
         with _stats_context(x):
             return mode_gates(spatial_moments(x)[0], self.gate.weight, self.gate.bias)
 
-    @channel_first_input
+    @same_memory_format
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, "ModeNorm")
         return mode_norm(
@@ -689,7 +689,6 @@ class ModeGroupNorm(nn.Module):
         with _stats_context(x):
             return mode_group_gates(spatial_moments(x)[0], self.gate.weight, self.gate.bias)
 
-    @channel_first_input
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, "ModeGroupNorm")
         return mode_group_norm(
