@@ -7,7 +7,8 @@ Stages, each a subprocess with its own time budget (a stage past its budget is s
 reported as a timeout, keeping what it printed; once the total budget is spent the remaining
 stages are skipped): the device-relevant tests (``pytest --device``), the sync-debug test, the
 layer benchmark eager and compiled in float32 and bfloat16 at (64, 128, 32, 32) and (256, 512)
-(peak memory in its rows), the CIFAR-CNN step (MixtureNorm at conv3 vs all-BN, batch 256) eager
+(peak memory in its rows) and eager in bfloat16 on channels-last input (the memory format of
+mixed-precision convolutions), the CIFAR-CNN step (MixtureNorm at conv3 vs all-BN, batch 256) eager
 and compiled, and ``normlab train`` on the digits config under ``torchrun --nproc_per_node=1``
 with ``run.sync_stats=true``. The results file (default ``benchmarks/results_gpu.txt`` on CUDA;
 on the CPU only where ``--out`` says) gets the device, torch version, git commit, every stage's
@@ -157,7 +158,8 @@ def stages(device: str, quick: bool, run_dir: Path) -> list[Stage]:
             for kind, argv, dtype, budget in (
                 ("eager", layers, "float32", 15 if q else 30),
                 ("eager", layers, "bfloat16", 15 if q else 30),
-                ("compiled", compiled, "float32", 25 if q else 105),
+                ("eager channels-last", [*layers, "--channels-last"], "bfloat16", 10 if q else 20),
+                ("compiled", compiled, "float32", 25 if q else 85),
                 ("compiled", compiled, "bfloat16", 25 if q else 65),
             )
         ),

@@ -170,7 +170,7 @@ def test_network_benchmark(capsys) -> None:
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_gpu_check_command_is_valid(device: str, quick: bool, tmp_path) -> None:
     plan = gpu_check.stages(device, quick, tmp_path)
-    assert len(plan) == 8
+    assert len(plan) == 9
     if not quick:  # the stages' budgets fit in the 8 minutes
         assert sum(s.budget for s in plan) <= gpu_check.TOTAL_BUDGET[False] <= 480
     registered = [s for s, _ in layers.rows_to_run(None)]
