@@ -13,7 +13,10 @@ WSConv2d), as the median of per-pair ratios over alternating runs. Run::
 
 ``--compile`` compiles every layer and its baseline (``torch.compile``, inductor,
 ``fullgraph=True``, or with graph breaks where that fails: the ``graph`` column says which) and
-adds the ratio of the compiled layer to its own eager self. ``--dtype bfloat16`` feeds bfloat16
+adds the ratio of the compiled layer to its own eager self (and the eager time, measured in
+the same rounds). A first line gives the fixed per-call cost of a compiled layer on this
+machine (a compiled ``x·w`` vs the eager one): that cost weighs on a small layer compiled on its
+own and not on a layer inside a compiled model. ``--dtype bfloat16`` feeds bfloat16
 inputs to float32 layers (they keep float32 statistics; the conv row runs under autocast). A
 layer that fails (to compile) gets its error in its row; the other rows go on. ``--channels-last`` stores the 4-D input and output
 gradient of every row (layer and baseline alike) as ``torch.channels_last``. ``--only`` may be
@@ -93,6 +96,7 @@ class Row:
     mem: float | None = None
     base_mem: float | None = None
     vs_eager: float | None = None  # compiled layer / eager layer (--compile only)
+    eager_ms: float = float("nan")  # the eager layer's time in the same rounds (--compile only)
     graph: str = ""  # how the layer compiled (--compile only)
     error: str | None = None  # the row failed: why
 
@@ -211,9 +215,37 @@ def bench_row(
         times = interleaved_times([a, b, eager], dev, rounds=opts.pairs)
         row.ratio, row.vs_eager = median_ratio(times, 0, 1), median_ratio(times, 0, 2)
         ta, tb = statistics.median(times[0]), statistics.median(times[1])
+        row.eager_ms = statistics.median(times[2]) * 1e3
     row.ms, row.base_ms = ta * 1e3, tb * 1e3
     row.mem, row.base_mem = peak_memory(a, dev), peak_memory(b, dev)
     return row
+
+
+class _Scale(nn.Module):
+    """``x · w`` per channel: about the least a layer can do."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w[:, None]
+
+
+def call_overhead(opts: Options, rounds: int = 60) -> tuple[float, float]:
+    """The fixed cost of calling a compiled layer: medians (µs) of one forward+backward of
+    :class:`_Scale` on a ``(4, 8)`` input, eager and compiled, measured in alternation. The
+    difference (guard evaluation, the compiled autograd wrapper) is paid once per compiled
+    call, so it weighs on a small layer compiled alone, not on a layer inside a compiled
+    model."""
+    torch.manual_seed(0)
+    layer = _Scale(8).to(opts.device)
+    x = torch.randn(4, 8, device=opts.device, requires_grad=True)
+    g = torch.randn(4, 8, device=opts.device)
+    compiled, _ = opts.compile_with(layer, lambda m: _step(m, x, g)())
+    times = interleaved_times([_step(layer, x, g), _step(compiled, x, g)], opts.device, rounds)
+    eager, comp = (statistics.median(t) * 1e6 for t in times)
+    return eager, comp
 
 
 def _matches(spec: str, patterns: list[str]) -> int | None:
@@ -254,7 +286,7 @@ def header(compiled: bool) -> str:
         f"{'ms':>8} {'base ms':>8} {'peak MiB':>9} {'base MiB':>9} {'mem ratio':>9}"
     )
     if compiled:
-        head += f" {'vs eager':>9} {'target':>7}  graph"
+        head += f" {'eager ms':>8} {'vs eager':>9} {'target':>7}  graph"
     return f"{head}\n{'-' * len(head)}"
 
 
@@ -270,7 +302,8 @@ def format_row(r: Row, compiled: bool) -> str:
     )
     if compiled:
         ve = "n/a" if r.vs_eager is None else f"{r.vs_eager:.2f}x"
-        line += f" {ve:>9} {'≤' + format(COMPILED_VS_EAGER, 'g'):>7}  {r.graph}"
+        em = f"{r.eager_ms:>8.2f}"
+        line += f" {em} {ve:>9} {'≤' + format(COMPILED_VS_EAGER, 'g'):>7}  {r.graph}"
     return line
 
 
@@ -404,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     shapes = args.shape or [SHAPE_4D] + ([] if args.no_2d else [SHAPE_2D])
     bases = CompiledBaselines(opts) if opts.compile else None
+    if opts.compile:
+        eager_us, comp_us = call_overhead(opts)
+        print(
+            f"per-call cost of a compiled layer: {comp_us - eager_us:+.0f} µs (forward+backward of "
+            f"x·w on a 4x8 input: {comp_us:.0f} µs compiled, {eager_us:.0f} µs eager)",
+            flush=True,
+        )
     print(header(opts.compile), flush=True)
     rows: list[Row] = []
     skipped = 0

@@ -10,6 +10,7 @@ cannot drift away from the scripts it calls.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def test_layer_benchmark_eager_and_compiled(capsys) -> None:
     out = _run_main(layers.main, [*tiny, "--compile", "--compile-backend", "aot_eager"], capsys)
     row = next(line for line in out.splitlines() if line.startswith("bn "))
     assert row.endswith("fullgraph") and "≤1.05" in row, row
+    assert "eager ms" in out and "per-call cost of a compiled layer: " in out
+    us = re.search(r"x·w on a 4x8 input: (\d+) µs compiled, (\d+) µs eager", out)
+    assert us and float(us.group(1)) > 0 and float(us.group(2)) > 0, out
 
 
 def test_network_benchmark(capsys) -> None:
