@@ -229,7 +229,7 @@ class _Scale(nn.Module):
         self.w = nn.Parameter(torch.ones(c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.w[:, None]
+        return x * self.w
 
 
 def call_overhead(opts: Options, rounds: int = 60) -> tuple[float, float]:
