@@ -302,6 +302,61 @@ def test_layer_kernel_equals_reference_float64(
     assert kernel_calls == expected
 
 
+@pytest.mark.parametrize(
+    ("shape", "block_bytes", "blocks"),
+    [((6, 5, 4, 3), 2000, 2), ((6, 5, 4, 3), 480, 6), ((8, 32, 32, 32), None, 2)],
+    ids=["uneven-blocks", "one-sample-blocks", "default-block-size"],
+)
+@pytest.mark.parametrize("config", ["default", "no-affine", "k1"])
+def test_blocked_cpu_backward_equals_reference_float64(
+    config: str,
+    shape: tuple[int, ...],
+    block_bytes: int | None,
+    blocks: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager CPU backward of the training kernel runs in blocks of samples once the input
+    exceeds a block; blocked, it gives the reference's input and parameter gradients (and the
+    same outputs and buffers), with the number of blocks the block size implies."""
+    if block_bytes is not None:
+        monkeypatch.setattr(kx, "_BLOCK_BYTES", block_bytes)
+    seen: list[int] = []
+    plain_blocks = kx._blocks
+
+    def counted(n: int, per_sample: int) -> list[slice]:
+        out = plain_blocks(n, per_sample)
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(kx, "_blocks", counted)
+    torch.manual_seed(0)
+    layer = normlab.MixtureNorm(shape[1], **_LAYER_CONFIGS[config]).double()
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
+    ker = _layer_pass(layer, xs, True, "train")
+    assert seen == [blocks] * 4  # two backward passes, two blocked loops each
+    ref = _layer_pass(layer, xs, False, "train")
+    for what in ker:
+        if ref[what] is None:
+            assert ker[what] is None, what
+            continue
+        torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
+
+
+def test_blocked_backward_only_where_it_helps() -> None:
+    """Blocks are for eager CPU backward passes over (B, C, L) points larger than one block:
+    not for (N, C) points, small inputs or non-contiguous gradients."""
+    big = torch.zeros(4, 8, kx._BLOCK_BYTES // 16)  # 2 blocks' worth of float32
+    assert kx._blocked(big, big)
+    assert not kx._blocked(big[:1, :, :1000], big[:1, :, :1000])
+    assert not kx._blocked(big.reshape(-1, 8), big.reshape(-1, 8))
+    assert not kx._blocked(big, big.transpose(0, 1).contiguous().transpose(0, 1))
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("shape", [(7, 3), (3, 3, 2, 3)])
 def test_reference_functionals_gradcheck(shape: tuple[int, ...], activation: str | None) -> None:

@@ -44,7 +44,12 @@ import torch
 from torch import Tensor
 
 from normlab.nn._utils import stat_dtype
-from normlab.nn.stats import current_group, reduce_sums, weighted_channel_sums
+from normlab.nn.stats import (
+    current_group,
+    reduce_sums,
+    weighted_channel_first_sums,
+    weighted_channel_sums,
+)
 
 __all__ = [
     "GMMParams",
@@ -198,6 +203,11 @@ class PointSet:
         points' layout (K in dim 1), via :func:`~normlab.nn.stats.weighted_channel_sums`."""
         cnt, s1, s2 = weighted_channel_sums(self.raw, resp.to(self.dtype), self.sq)
         return cnt, s1 - cnt[:, None] * self.shift, s2
+
+    def first_sums(self, resp: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ r_k and Σ r_k x of :meth:`sums` alone (no pass over the squares)."""
+        cnt, s1 = weighted_channel_first_sums(self.raw, resp.to(self.dtype))
+        return cnt, s1 - cnt[:, None] * self.shift
 
     def unshift(self, params: GMMParams) -> GMMParams:
         return GMMParams(params.weight, params.mean + self.shift, params.var)
@@ -383,13 +393,18 @@ def kmeans_init(
     k = centers.shape[0]
     c = centers.to(ps.dtype)
     labels = assign(ps, c)
+    for _ in range(iters - 1):  # Lloyd updates whose mixture is not returned: centroids only
+        c = _centroids(ps, labels, k, c)
+        labels = assign(ps, c)
     params = hard_m_step(ps, labels, k, reg_covar, c)
-    for it in range(iters):
-        if it:
-            labels = assign(ps, c)
-            params = hard_m_step(ps, labels, k, reg_covar, c)
-        c = params.mean
-    return c, labels, params
+    return (params.mean if iters else c), labels, params
+
+
+def _centroids(ps: PointSet, labels: Tensor, k: int, fallback_mean: Tensor) -> Tensor:
+    """The means of :func:`hard_m_step` (the same arithmetic), without the squares' sums."""
+    cnt, s1 = ps.first_sums(one_hot(labels, k, ps.dtype))
+    safe = cnt.clamp_min(torch.finfo(cnt.dtype).tiny)[:, None]
+    return torch.where((cnt > 0)[:, None], s1 / safe, fallback_mean.to(s1.dtype))
 
 
 def kmeans(points: Tensor | PointSet, centers: Tensor, iters: int) -> tuple[Tensor, Tensor]:

@@ -113,9 +113,14 @@ class MixtureNormFn(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         xr, nu, gamma, mean, rstd, alpha, cnt = ctx.saved_tensors
         gy = gy.to(xr.dtype)
-        r = gy * xr
+        blocked = _blocked(xr, gy)
         # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
-        t1, u = _local_sums(gy, nu, r)
+        if blocked:
+            r = None
+            t1, u = _local_sums_blocked(gy, nu, xr)
+        else:
+            r = gy * xr
+            t1, u = _local_sums(gy, nu, r)
         # parameter gradients from the local sums (the data-parallel wrapper averages them) ...
         t2 = alpha[:, None] * rstd * (u - mean * t1)  # Σ_i w_ik g_i x̂ᵏ_i
         grad_x = grad_w = grad_b = None
@@ -134,10 +139,13 @@ class MixtureNormFn(torch.autograd.Function):
             s1w, s2w = s1 / cnt[:, None], s2 / cnt[:, None]  # divide first: no overflow
             coef_p = rstd * rstd * s2w
             coef_q = -rstd * (s1w - rstd * mean * s2w)
-            grad_x = spread(coef_a, nu, out=r)  # reuse the buffer: r is no longer needed
-            grad_x.mul_(gy)
-            grad_x.addcmul_(xr, spread(coef_p, nu), value=-1.0)
-            spread(coef_q, nu, out=grad_x, add=True)
+            if blocked:
+                grad_x = _grad_x_blocked(gy, xr, nu, coef_a, coef_p, coef_q)
+            else:
+                grad_x = spread(coef_a, nu, out=r)  # reuse the buffer: r is no longer needed
+                grad_x.mul_(gy)
+                grad_x.addcmul_(xr, spread(coef_p, nu), value=-1.0)
+                spread(coef_q, nu, out=grad_x, add=True)
         return grad_x, None, grad_w, grad_b, None, None, None, None, None
 
 
@@ -150,3 +158,64 @@ def _local_sums(gy: Tensor, nu: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     with reduction_scope(None):
         _, t1, u = weighted_channel_sums(gy, nu, r)
     return t1, u
+
+
+# Eager CPU backward in blocks of samples: every activation-sized intermediate of the backward
+# (g ⊙ x and the three spreads) lives only in a block-sized buffer that stays in cache, so the
+# backward reads g and x and writes ∂L/∂x once each instead of passing over memory about a dozen
+# times. Same operations, same order of summation within each sample; the sums over samples are
+# added block by block.
+_BLOCK_BYTES = 1 << 20
+
+
+def _blocked(xr: Tensor, gy: Tensor) -> bool:
+    """Whether the backward runs blocked: eager, on CPU, for the (B, C, L) layout of more than one
+    block (traced, inductor fuses the plain form itself; GPUs gain nothing from blocks)."""
+    return (
+        xr.dim() == 3
+        and xr.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and xr.numel() * xr.element_size() > _BLOCK_BYTES
+        and gy.is_contiguous()
+        and xr.is_contiguous()
+    )
+
+
+def _blocks(n: int, per_sample: int) -> list[slice]:
+    step = max(1, _BLOCK_BYTES // max(per_sample, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _local_sums_blocked(gy: Tensor, nu: Tensor, xr: Tensor) -> tuple[Tensor, Tensor]:
+    """(T1, U) = (Σ_i ν_ik g_i, Σ_i ν_ik g_i x_i), (K, C), block by block (see :func:`_blocked`)."""
+    n, c, _ = xr.shape
+    k = nu.shape[1]
+    t1 = xr.new_zeros(k, c)
+    u = xr.new_zeros(k, c)
+    blocks = _blocks(n, xr[0].numel() * xr.element_size())
+    tmp = torch.empty_like(xr[blocks[0]])
+    for sl in blocks:
+        n_b = nu[sl]
+        b = tmp[: sl.stop - sl.start]
+        t1 += torch.bmm(n_b, gy[sl].transpose(1, 2)).sum(0)
+        torch.mul(gy[sl], xr[sl], out=b)
+        u += torch.bmm(n_b, b.transpose(1, 2)).sum(0)
+    return t1, u
+
+
+def _grad_x_blocked(
+    gy: Tensor, xr: Tensor, nu: Tensor, coef_a: Tensor, coef_p: Tensor, coef_q: Tensor
+) -> Tensor:
+    """g ⊙ Σ_k ν_k a_k − x ⊙ Σ_k ν_k p_k + Σ_k ν_k q_k, block by block (see :func:`_blocked`)."""
+    out = torch.empty_like(xr)
+    blocks = _blocks(xr.shape[0], xr[0].numel() * xr.element_size())
+    tmp = torch.empty_like(xr[blocks[0]])
+    for sl in blocks:
+        o, n_b = out[sl], nu[sl]
+        b = tmp[: sl.stop - sl.start]
+        spread(coef_a, n_b, out=o)
+        o.mul_(gy[sl])
+        spread(coef_p, n_b, out=b)
+        o.addcmul_(xr[sl], b, value=-1.0)
+        spread(coef_q, n_b, out=o, add=True)
+    return out
