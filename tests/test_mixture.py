@@ -315,9 +315,9 @@ def test_blocked_cpu_backward_equals_reference_float64(
     blocks: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The eager CPU backward of the training kernel runs in blocks of samples once the input
-    exceeds a block; blocked, it gives the reference's input and parameter gradients (and the
-    same outputs and buffers), with the number of blocks the block size implies."""
+    """The eager CPU forward and backward of the training kernel run in blocks of samples once
+    the input exceeds a block; blocked, they give the reference's outputs, input and parameter
+    gradients and buffers, with the number of blocks the block size implies."""
     if block_bytes is not None:
         monkeypatch.setattr(kx, "_BLOCK_BYTES", block_bytes)
     seen: list[int] = []
@@ -338,7 +338,7 @@ def test_blocked_cpu_backward_equals_reference_float64(
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
     ker = _layer_pass(layer, xs, True, "train")
-    assert seen == [blocks] * 4  # two backward passes, two blocked loops each
+    assert seen == [blocks] * 6  # two steps: a blocked forward, two blocked loops in backward
     ref = _layer_pass(layer, xs, False, "train")
     for what in ker:
         if ref[what] is None:
@@ -347,8 +347,8 @@ def test_blocked_cpu_backward_equals_reference_float64(
         torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
 
 
-def test_blocked_backward_only_where_it_helps() -> None:
-    """Blocks are for eager CPU backward passes over (B, C, L) points larger than one block:
+def test_blocked_kernel_only_where_it_helps() -> None:
+    """Blocks are for eager CPU passes over (B, C, L) points larger than one block:
     not for (N, C) points, small inputs or non-contiguous gradients."""
     big = torch.zeros(4, 8, kx._BLOCK_BYTES // 16)  # 2 blocks' worth of float32
     assert kx._blocked(big, big)

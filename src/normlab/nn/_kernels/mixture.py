@@ -101,9 +101,16 @@ class MixtureNormFn(torch.autograd.Function):
             y = mixture_transform_fused(x, nu, coef_a, coef_b)
         else:
             (y,) = scratch
-            spread(coef_a, nu, out=y)
-            y.mul_(x)
-            spread(coef_b, nu, out=y, add=True)
+            blocks = (
+                _blocks(x.shape[0], x[0].numel() * x.element_size())
+                if _blocked(x, y)
+                else [slice(None)]
+            )
+            for sl in blocks:  # each block's output stays in cache across the three passes
+                y_b, nu_b = y[sl], nu[sl]
+                spread(coef_a, nu_b, out=y_b)
+                y_b.mul_(x[sl])
+                spread(coef_b, nu_b, out=y_b, add=True)
         ctx.save_for_backward(x, nu, gamma, mean, rstd, alpha, cnt)
         ctx.group = current_group()  # the backward's sums are reduced over the same group
         return y
@@ -160,16 +167,16 @@ def _local_sums(gy: Tensor, nu: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     return t1, u
 
 
-# Eager CPU backward in blocks of samples: every activation-sized intermediate of the backward
+# Eager CPU passes in blocks of samples: every activation-sized intermediate of the backward
 # (g ⊙ x and the three spreads) lives only in a block-sized buffer that stays in cache, so the
 # backward reads g and x and writes ∂L/∂x once each instead of passing over memory about a dozen
-# times. Same operations, same order of summation within each sample; the sums over samples are
-# added block by block.
+# times; the forward's output block stays in cache across its three passes. Same operations, same
+# order of summation within each sample; the sums over samples are added block by block.
 _BLOCK_BYTES = 1 << 20
 
 
 def _blocked(xr: Tensor, gy: Tensor) -> bool:
-    """Whether the backward runs blocked: eager, on CPU, for the (B, C, L) layout of more than one
+    """Whether a pass over ``xr`` (and ``gy``) runs blocked: eager, on CPU, for the (B, C, L) layout of more than one
     block (traced, inductor fuses the plain form itself; GPUs gain nothing from blocks)."""
     return (
         xr.dim() == 3
