@@ -86,7 +86,9 @@ class MixtureNormFn(torch.autograd.Function):
     gradient; the backward accounts for their dependence on ``x``), and ``scratch``: ``None`` or
     a one-tuple holding a tensor of ``x``'s shape and dtype whose memory becomes the output
     (eager mode: :meth:`PointSet.take_squares <normlab.nn.gmm.PointSet.take_squares>`; then the
-    forward allocates nothing activation-sized, the backward two). Output ``y`` like ``x``.
+    forward allocates nothing activation-sized, the backward two; blocked on CPU, see
+    :func:`_blocked`, the backward only the input gradient and one block). Output ``y`` like
+    ``x``.
 
     Traceable by ``torch.compile(fullgraph=True)``: no Python state is changed in forward or
     backward, and without a process group the backward opens no reduction scope. Once
