@@ -249,6 +249,32 @@ def test_e_step_matches_scipy_and_masking_renormalises() -> None:
     np.testing.assert_allclose(ll.numpy(), lref, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_posteriors_are_never_subnormal(dtype: torch.dtype) -> None:
+    """Points between two far-apart components get posteriors from 1 down to far below the
+    smallest normal number: each is either exactly 0 or a normal number, and equals the
+    log-sum-exp posterior (scipy, float64) to within that smallest normal number."""
+    tiny = torch.finfo(dtype).tiny
+    span = (
+        2.0 * math.sqrt(-2.0 * math.log(tiny)) + 4.0
+    )  # the far posterior reaches exp(-2 ln 1/tiny)
+    x = torch.linspace(-2.0, span + 2.0, 4001, dtype=torch.float64)[:, None]
+    p = GMMParams(
+        torch.tensor([0.5, 0.5], dtype=dtype),
+        torch.tensor([[0.0], [span]], dtype=dtype),
+        torch.ones(2, 1, dtype=dtype),
+    )
+    resp, _ = gmm.e_step(x.to(dtype), p)
+    assert ((resp == 0) | (resp >= tiny)).all()
+    ref = _np_posteriors(
+        x.numpy(), np.array([0.5, 0.5]), np.array([[0.0], [span]]), np.ones((2, 1))
+    )
+    assert (ref < tiny).any() and (ref > 0).any()  # the range really crosses the normal floor
+    err = np.abs(resp.double().numpy() - ref)
+    rtol = 1e-3 if dtype == torch.float32 else 1e-9  # exp of a ~500-size Mahalanobis term
+    assert (err <= rtol * ref + 10 * tiny).all()
+
+
 def test_zero_weight_component_gets_zero_posterior() -> None:
     x = torch.randn(50, 2)
     p = GMMParams(torch.tensor([1.0, 0.0]), torch.zeros(2, 2), torch.ones(2, 2))
