@@ -131,6 +131,28 @@ def test_inductor_equals_eager_without_recompiles(config, shape, kernels):
     _compiled_equals_eager(config, shape, kernels=kernels, backend="inductor")
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_cpu_kernel_runs_the_blocked_operators(backend, monkeypatch):
+    """Compiled on CPU, the kernel calls its blocked passes as opaque operators (forward
+    transform, backward sums, input gradient): with a block size that splits the batch, each
+    compiled training step runs them as an eager step does (three blocked loops), and compiled
+    still equals eager, in one graph, without recompiles."""
+    from normlab.nn._kernels import mixture as kx
+
+    monkeypatch.setattr(kx, "_BLOCK_BYTES", 64)  # (4, 8, 3, 3) float32: one-sample blocks
+    loops = []
+    plain_blocks = kx._blocks
+
+    def counted(n, per_sample):
+        out = plain_blocks(n, per_sample)
+        loops.append(len(out))
+        return out
+
+    monkeypatch.setattr(kx, "_blocks", counted)
+    _compiled_equals_eager("default", SHAPES["NCHW"], kernels=True, backend=backend)
+    assert loops == [4] * 18  # 3 eager + 3 compiled training steps, 3 blocked loops each
+
+
 def test_kernel_is_traced_without_graph_breaks_and_once_differentiable():
     """The kernel's autograd Function is captured whole (no "unsafe side effect" of a
     higher-order op) and names its limit: a second derivative through it raises, while the

@@ -99,20 +99,13 @@ class MixtureNormFn(torch.autograd.Function):
     def forward(ctx, x, nu, weight, bias, mean, rstd, alpha, cnt, scratch):  # type: ignore[override]
         gamma = weight if weight is not None else torch.ones_like(mean[0])
         coef_a, coef_b = coefficients(alpha, rstd, gamma, mean, bias)
-        if scratch is None:
-            y = mixture_transform_fused(x, nu, coef_a, coef_b)
-        else:
+        if scratch is not None:
             (y,) = scratch
-            blocks = (
-                _blocks(x.shape[0], x[0].numel() * x.element_size())
-                if _blocked(x, y)
-                else [slice(None)]
-            )
-            for sl in blocks:  # each block's output stays in cache across the three passes
-                y_b, nu_b = y[sl], nu[sl]
-                spread(coef_a, nu_b, out=y_b)
-                y_b.mul_(x[sl])
-                spread(coef_b, nu_b, out=y_b, add=True)
+            _transform_into(y, x, nu, coef_a, coef_b, _blocked(x, y))
+        elif _blocked_when_traced(x):
+            y = torch.ops.normlab.mixture_transform_blocked(x, nu, coef_a, coef_b)
+        else:
+            y = mixture_transform_fused(x, nu, coef_a, coef_b)
         ctx.save_for_backward(x, nu, gamma, mean, rstd, alpha, cnt)
         ctx.group = current_group()  # the backward's sums are reduced over the same group
         return y
@@ -123,8 +116,13 @@ class MixtureNormFn(torch.autograd.Function):
         xr, nu, gamma, mean, rstd, alpha, cnt = ctx.saved_tensors
         gy = gy.to(xr.dtype)
         blocked = _blocked(xr, gy)
+        # traced on CPU (no process group): the blocked passes as opaque operators
+        traced = ctx.group is None and _blocked_when_traced(xr)
         # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
-        if blocked:
+        if traced:
+            r = None
+            t1, u = torch.ops.normlab.mixture_sums_blocked(gy, nu, xr)
+        elif blocked:
             r = None
             t1, u = _local_sums_blocked(gy, nu, xr)
         else:
@@ -148,7 +146,11 @@ class MixtureNormFn(torch.autograd.Function):
             s1w, s2w = s1 / cnt[:, None], s2 / cnt[:, None]  # divide first: no overflow
             coef_p = rstd * rstd * s2w
             coef_q = -rstd * (s1w - rstd * mean * s2w)
-            if blocked:
+            if traced:
+                grad_x = torch.ops.normlab.mixture_grad_x_blocked(
+                    gy, xr, nu, coef_a, coef_p, coef_q
+                )
+            elif blocked:
                 grad_x = _grad_x_blocked(gy, xr, nu, coef_a, coef_p, coef_q)
             else:
                 grad_x = spread(coef_a, nu, out=r)  # reuse the buffer: r is no longer needed
@@ -178,16 +180,82 @@ _BLOCK_BYTES = 1 << 20
 
 
 def _blocked(xr: Tensor, gy: Tensor) -> bool:
-    """Whether a pass over ``xr`` (and ``gy``) runs blocked: eager, on CPU, for the (B, C, L) layout of more than one
-    block (traced, inductor fuses the plain form itself; GPUs gain nothing from blocks)."""
+    """Whether an eager pass over ``xr`` (and ``gy``) runs blocked: on CPU, for the (B, C, L)
+    layout of more than one block, contiguous (GPUs gain nothing from blocks)."""
     return (
-        xr.dim() == 3
-        and xr.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and xr.numel() * xr.element_size() > _BLOCK_BYTES
+        not torch.compiler.is_compiling()
+        and _large_cpu_points(xr)
         and gy.is_contiguous()
         and xr.is_contiguous()
     )
+
+
+def _blocked_when_traced(xr: Tensor) -> bool:
+    """Whether a traced pass (``torch.compile``) calls the blocked passes as opaque operators
+    (:func:`_transform_op`, :func:`_sums_op`, :func:`_grad_x_op`): on CPU, for the same inputs
+    as :func:`_blocked`. Inductor's fused code for the plain form makes several passes over
+    memory and keeps the intermediates of the backward; on GPUs it runs the plain form."""
+    return torch.compiler.is_compiling() and _large_cpu_points(xr)
+
+
+def _large_cpu_points(xr: Tensor) -> bool:
+    return (
+        xr.dim() == 3 and xr.device.type == "cpu" and xr.numel() * xr.element_size() > _BLOCK_BYTES
+    )
+
+
+def _transform_into(
+    y: Tensor, x: Tensor, nu: Tensor, coef_a: Tensor, coef_b: Tensor, blocked: bool
+) -> None:
+    """``y = x ⊙ Σ_k ν_k a_k + Σ_k ν_k b_k`` written into ``y``; blocked, each output block stays
+    in cache across the three passes."""
+    whole = [slice(None)]
+    for sl in _blocks(x.shape[0], x[0].numel() * x.element_size()) if blocked else whole:
+        y_b, nu_b = y[sl], nu[sl]
+        spread(coef_a, nu_b, out=y_b)
+        y_b.mul_(x[sl])
+        spread(coef_b, nu_b, out=y_b, add=True)
+
+
+@torch.library.custom_op("normlab::mixture_transform_blocked", mutates_args=())
+def _transform_op(x: Tensor, nu: Tensor, coef_a: Tensor, coef_b: Tensor) -> Tensor:
+    """The training transform, blocked, as an operator that ``torch.compile`` does not trace."""
+    x, nu = x.contiguous(), nu.contiguous()
+    y = torch.empty_like(x)
+    _transform_into(y, x, nu, coef_a, coef_b, True)
+    return y
+
+
+@_transform_op.register_fake
+def _(x: Tensor, nu: Tensor, coef_a: Tensor, coef_b: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("normlab::mixture_sums_blocked", mutates_args=())
+def _sums_op(gy: Tensor, nu: Tensor, xr: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_local_sums_blocked` as an operator that ``torch.compile`` does not trace."""
+    return _local_sums_blocked(gy.contiguous(), nu.contiguous(), xr.contiguous())
+
+
+@_sums_op.register_fake
+def _(gy: Tensor, nu: Tensor, xr: Tensor) -> tuple[Tensor, Tensor]:
+    k, c = nu.shape[1], xr.shape[1]
+    return xr.new_empty(k, c), xr.new_empty(k, c)
+
+
+@torch.library.custom_op("normlab::mixture_grad_x_blocked", mutates_args=())
+def _grad_x_op(
+    gy: Tensor, xr: Tensor, nu: Tensor, coef_a: Tensor, coef_p: Tensor, coef_q: Tensor
+) -> Tensor:
+    """:func:`_grad_x_blocked` as an operator that ``torch.compile`` does not trace."""
+    return _grad_x_blocked(
+        gy.contiguous(), xr.contiguous(), nu.contiguous(), coef_a, coef_p, coef_q
+    )
+
+
+@_grad_x_op.register_fake
+def _(gy: Tensor, xr: Tensor, nu: Tensor, coef_a: Tensor, coef_p: Tensor, coef_q: Tensor) -> Tensor:
+    return torch.empty_like(xr, memory_format=torch.contiguous_format)
 
 
 def _blocks(n: int, per_sample: int) -> list[slice]:
