@@ -263,6 +263,31 @@ def _layer_pass(layer: nn.Module, xs: list[torch.Tensor], kernels: bool, mode: s
     }
 
 
+def _layer_and_batches(
+    c: int, kwargs: dict, shape: tuple[int, ...]
+) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A float64 MixtureNorm with a non-trivial affine and two positive batches of ``shape``."""
+    torch.manual_seed(0)
+    layer = normlab.MixtureNorm(c, **kwargs).double()
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
+    g = torch.Generator().manual_seed(1)
+    return layer, [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
+
+
+def _assert_passes_equal(ker: dict, ref: dict) -> None:
+    """Kernel and reference passes of :func:`_layer_pass` agree to float64 rounding."""
+    assert ker.keys() == ref.keys()
+    for what in ker:
+        if ref[what] is None:
+            assert ker[what] is None, what
+            continue
+        assert ref[what].dtype == ker[what].dtype, what
+        torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("shape", [(48, 5), (6, 5, 4, 3)], ids=["2d", "4d"])
 @pytest.mark.parametrize("config", sorted(_LAYER_CONFIGS))
@@ -274,25 +299,12 @@ def test_layer_kernel_equals_reference_float64(
     warm-started for init="warm"), or one and then an eval pass. The switch really changes the
     path where a kernel exists (without the fused activation)."""
     kwargs = _LAYER_CONFIGS[config]
-    torch.manual_seed(0)
-    layer = normlab.MixtureNorm(5, **kwargs).double()
-    if layer.weight is not None:
-        with torch.no_grad():
-            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
-            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
+    layer, xs = _layer_and_batches(5, kwargs, shape)
     calls = _count_kernel_calls(monkeypatch)
     ker = _layer_pass(layer, xs, True, mode)
     kernel_calls = dict(calls)
     ref = _layer_pass(layer, xs, False, mode)
-    assert ker.keys() == ref.keys()
-    for what in ker:
-        if ref[what] is None:
-            assert ker[what] is None, what
-            continue
-        assert ref[what].dtype == ker[what].dtype, what
-        torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
+    _assert_passes_equal(ker, ref)
     assert calls == kernel_calls  # the reference runs no kernel ...
     expected = {"MixtureNormFn": 2 if mode == "train" else 1, "mixture_transform_fused": 0}
     if mode == "eval":
@@ -329,22 +341,10 @@ def test_blocked_cpu_backward_equals_reference_float64(
         return out
 
     monkeypatch.setattr(kx, "_blocks", counted)
-    torch.manual_seed(0)
-    layer = normlab.MixtureNorm(shape[1], **_LAYER_CONFIGS[config]).double()
-    if layer.weight is not None:
-        with torch.no_grad():
-            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
-            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(*shape, generator=g, dtype=torch.float64).exp() for _ in range(2)]
+    layer, xs = _layer_and_batches(shape[1], _LAYER_CONFIGS[config], shape)
     ker = _layer_pass(layer, xs, True, "train")
     assert seen == [blocks] * 6  # two steps: a blocked forward, two blocked loops in backward
-    ref = _layer_pass(layer, xs, False, "train")
-    for what in ker:
-        if ref[what] is None:
-            assert ker[what] is None, what
-            continue
-        torch.testing.assert_close(ker[what], ref[what], atol=1e-11, rtol=1e-11, msg=what)
+    _assert_passes_equal(ker, _layer_pass(layer, xs, False, "train"))
 
 
 def test_blocked_kernel_only_where_it_helps() -> None:

@@ -403,8 +403,16 @@ def kmeans_init(
 def _centroids(ps: PointSet, labels: Tensor, k: int, fallback_mean: Tensor) -> Tensor:
     """The means of :func:`hard_m_step` (the same arithmetic), without the squares' sums."""
     cnt, s1 = ps.first_sums(one_hot(labels, k, ps.dtype))
-    safe = cnt.clamp_min(torch.finfo(cnt.dtype).tiny)[:, None]
-    return torch.where((cnt > 0)[:, None], s1 / safe, fallback_mean.to(s1.dtype))
+    return _means_from_sums(cnt, s1, fallback_mean)
+
+
+def _safe_counts(cnt: Tensor) -> Tensor:
+    return cnt.clamp_min(torch.finfo(cnt.dtype).tiny)[:, None]
+
+
+def _means_from_sums(cnt: Tensor, s1: Tensor, fallback_mean: Tensor) -> Tensor:
+    """Σ r x / Σ r per component; ``fallback_mean`` for a component of zero weight."""
+    return torch.where((cnt > 0)[:, None], s1 / _safe_counts(cnt), fallback_mean.to(s1.dtype))
 
 
 def kmeans(points: Tensor | PointSet, centers: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -417,11 +425,9 @@ def kmeans(points: Tensor | PointSet, centers: Tensor, iters: int) -> tuple[Tens
 def _params_from_sums(
     cnt: Tensor, s1: Tensor, s2: Tensor, reg_covar: float, fallback_mean: Tensor
 ) -> GMMParams:
-    has = cnt > 0
-    safe = cnt.clamp_min(torch.finfo(cnt.dtype).tiny)[:, None]
-    mean = torch.where(has[:, None], s1 / safe, fallback_mean.to(s1.dtype))
-    var = (s2 / safe - mean * mean).clamp_min(0.0)
-    var = torch.where(has[:, None], var, torch.ones_like(var)) + reg_covar
+    mean = _means_from_sums(cnt, s1, fallback_mean)
+    var = (s2 / _safe_counts(cnt) - mean * mean).clamp_min(0.0)
+    var = torch.where((cnt > 0)[:, None], var, torch.ones_like(var)) + reg_covar
     weight = cnt / cnt.sum()  # counts from the (possibly all-reduced) sums, not local shapes
     return GMMParams(weight, mean, var)
 

@@ -115,16 +115,13 @@ class MixtureNormFn(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         xr, nu, gamma, mean, rstd, alpha, cnt = ctx.saved_tensors
         gy = gy.to(xr.dtype)
-        blocked = _blocked(xr, gy)
-        # traced on CPU (no process group): the blocked passes as opaque operators
-        traced = ctx.group is None and _blocked_when_traced(xr)
+        # eager on CPU, or traced on CPU without a process group: the blocked passes (opaque
+        # operators, so that a traced backward calls them as well)
+        blocked = _blocked(xr, gy) or (ctx.group is None and _blocked_when_traced(xr))
         # local sums: T1_k = Σ_i ν_ik g_i, U_k = Σ_i ν_ik g_i x_i
-        if traced:
+        if blocked:
             r = None
             t1, u = torch.ops.normlab.mixture_sums_blocked(gy, nu, xr)
-        elif blocked:
-            r = None
-            t1, u = _local_sums_blocked(gy, nu, xr)
         else:
             r = gy * xr
             t1, u = _local_sums(gy, nu, r)
@@ -146,12 +143,10 @@ class MixtureNormFn(torch.autograd.Function):
             s1w, s2w = s1 / cnt[:, None], s2 / cnt[:, None]  # divide first: no overflow
             coef_p = rstd * rstd * s2w
             coef_q = -rstd * (s1w - rstd * mean * s2w)
-            if traced:
+            if blocked:
                 grad_x = torch.ops.normlab.mixture_grad_x_blocked(
                     gy, xr, nu, coef_a, coef_p, coef_q
                 )
-            elif blocked:
-                grad_x = _grad_x_blocked(gy, xr, nu, coef_a, coef_p, coef_q)
             else:
                 grad_x = spread(coef_a, nu, out=r)  # reuse the buffer: r is no longer needed
                 grad_x.mul_(gy)
